@@ -1,0 +1,273 @@
+"""Connections to the cluster's nodes, built in one place.
+
+Every SSH connection comes from `connect()`: the node's user, port and key from
+the cluster file, `~/.ssh/config` honoured under `inv` as well as `fab`
+(Fabric skips it under `inv`, fabric#2111), and host keys checked against
+known_hosts. Fabric's default accepts any key (`AutoAddPolicy`); UGRO refuses
+an unknown or changed one and says how to trust it. A `local: true` node is the
+control node itself and runs through Invoke's local runner, no SSH.
+
+Fabric and paramiko are imported only here and only when a connection is
+made, so `inv --list` stays fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from invoke import Context
+
+from .config import Cluster, Node
+from .errors import UgroError
+
+T = TypeVar("T")
+
+
+class HostKeyError(UgroError):
+    pass
+
+
+class NodeUnreachable(UgroError):
+    pass
+
+
+def fingerprint(key) -> str:
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def known_hosts_name(node: Node) -> str:
+    return node.host if node.port == 22 else f"[{node.host}]:{node.port}"
+
+
+def _refuse_policy(node: Node, known_hosts: Path):
+    import paramiko
+
+    class RefuseUnknown(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client, hostname, key):
+            raise HostKeyError(
+                f"{node.name}: unknown host key for {known_hosts_name(node)} "
+                f"({key.get_name()} {fingerprint(key)}) not in {known_hosts}; "
+                f"if that is the node's key, run: inv trust-hosts --nodes {node.name}"
+            )
+
+    return RefuseUnknown()
+
+
+def _user_ssh_config():
+    import paramiko
+
+    cfg = paramiko.SSHConfig()
+    path = Path(os.path.expanduser("~/.ssh/config"))
+    if path.is_file():
+        with path.open() as f:
+            cfg.parse(f)
+    return cfg
+
+
+def connect(node: Node, cluster: Cluster, timeout: float | None = None) -> Context:
+    """A Context for `node`: local for the control node, else a verified SSH Connection."""
+    if node.local:
+        return Context()
+    from fabric import Config, Connection
+
+    timeout = timeout or cluster.health_timeout
+    config = Config(ssh_config=_user_ssh_config(), overrides={"timeouts": {"connect": timeout}})
+    connect_kwargs: dict[str, Any] = {"banner_timeout": timeout, "auth_timeout": timeout}
+    if node.identity_file:
+        connect_kwargs["key_filename"] = [node.identity_file]
+    cx = Connection(
+        node.host,
+        user=node.user,
+        port=node.port,
+        config=config,
+        connect_timeout=timeout,
+        connect_kwargs=connect_kwargs,
+    )
+    known_hosts = cluster.known_hosts_path
+    cx.client.set_missing_host_key_policy(_refuse_policy(node, known_hosts))
+    if known_hosts.is_file():
+        cx.client.load_host_keys(str(known_hosts))
+    return cx
+
+
+def describe_failure(node: Node, exc: BaseException) -> str:
+    """One line saying why a node could not be reached or did not answer."""
+    import paramiko
+    from invoke.exceptions import CommandTimedOut
+
+    if isinstance(exc, UgroError):
+        return str(exc)
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return (
+            f"{node.name}: host key CHANGED for {known_hosts_name(node)} "
+            f"(now {exc.key.get_name()} {fingerprint(exc.key)}, known_hosts has "
+            f"{fingerprint(exc.expected_key)}); if the node was reinstalled, run: "
+            f"inv trust-hosts --nodes {node.name} --replace"
+        )
+    if isinstance(exc, paramiko.AuthenticationException):
+        return f"{node.name}: SSH authentication failed for {node.user}@{node.address}"
+    if isinstance(exc, CommandTimedOut):
+        return f"{node.name}: no answer within {exc.timeout:g}s"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"{node.name}: {node.address} did not answer (timed out)"
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        return f"{node.name}: cannot connect to {node.address} (connection refused)"
+    if isinstance(exc, (OSError, paramiko.SSHException, EOFError)):
+        return f"{node.name}: {node.address}: {exc or type(exc).__name__}"
+    raise exc
+
+
+@dataclass
+class Answer:
+    """What one command on one node gave: its result, or why there was none."""
+
+    node: Node
+    stdout: str = ""
+    stderr: str = ""
+    exited: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.exited == 0
+
+
+class Session:
+    """Open connections to a cluster's nodes, reused across the steps of one task."""
+
+    def __init__(self, cluster: Cluster, timeout: float | None = None):
+        self.cluster = cluster
+        self.timeout = timeout or cluster.health_timeout
+        self._contexts: dict[str, Context] = {}
+        self._lock = threading.Lock()
+
+    def context(self, node: Node) -> Context:
+        with self._lock:
+            if node.name not in self._contexts:
+                self._contexts[node.name] = connect(node, self.cluster, self.timeout)
+            return self._contexts[node.name]
+
+    def run(self, node: Node, command: str, timeout: float | None = None, **kwargs) -> Answer:
+        """Run `command` on `node`; never raises for a node-side failure."""
+        kwargs = {"hide": True, "warn": True, "in_stream": False, **kwargs}
+        try:
+            result = self.context(node).run(command, timeout=timeout, **kwargs)
+        except Exception as exc:
+            return Answer(node, error=describe_failure(node, exc))
+        return Answer(node, result.stdout, result.stderr, result.exited)
+
+    def run_all(
+        self, nodes: Iterable[Node], command: Callable[[Node], str], timeout: float | None = None
+    ) -> dict[str, Answer]:
+        return fan_out(nodes, lambda n: self.run(n, command(n), timeout=timeout))
+
+    def close(self):
+        for cx in self._contexts.values():
+            close = getattr(cx, "close", None)
+            if close:
+                close()
+        self._contexts.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def fan_out(nodes: Iterable[Node], fn: Callable[[Node], T]) -> dict[str, T]:
+    """Call `fn` for every node at once; results keyed by node name, in node order.
+
+    Not a Fabric ThreadingGroup: each node gets its own command line (its own
+    project path and Python), and the local node is no Connection at all.
+    """
+    nodes = list(nodes)
+    if len(nodes) == 1:
+        return {nodes[0].name: fn(nodes[0])}
+    with ThreadPoolExecutor(max_workers=min(64, len(nodes))) as pool:
+        futures = {n.name: pool.submit(fn, n) for n in nodes}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def scan_host_key(node: Node, timeout: float):
+    """Fetch the key a node's sshd presents (no authentication)."""
+    import paramiko
+
+    sock = socket.create_connection((node.host, node.port), timeout=timeout)
+    transport = paramiko.Transport(sock)
+    try:
+        transport.banner_timeout = timeout
+        transport.start_client(timeout=timeout)
+        return transport.get_remote_server_key()
+    finally:
+        transport.close()
+
+
+def trust_hosts(cluster: Cluster, nodes: Iterable[Node], replace: bool = False) -> list[dict]:
+    """Pin each node's current host key in known_hosts; report what was pinned.
+
+    A key already known stays; a different key for a known host is refused
+    unless `replace` is set, since that is exactly what a man in the middle
+    looks like.
+    """
+    import paramiko
+
+    path = cluster.known_hosts_path
+    hostkeys = paramiko.HostKeys()
+    if path.is_file():
+        hostkeys.load(str(path))
+    report = []
+    remote = [n for n in nodes if not n.local]
+
+    def scan(node: Node):
+        try:
+            return scan_host_key(node, cluster.health_timeout)
+        except Exception as exc:
+            return describe_failure(node, exc)
+
+    scanned = fan_out(remote, scan)
+    added, replaced = [], False
+    for node in remote:
+        key = scanned[node.name]
+        name = known_hosts_name(node)
+        row = {"node": node.name, "host": name}
+        if isinstance(key, str):
+            report.append({**row, "key": "-", "fingerprint": "-", "action": f"failed: {key}"})
+            continue
+        row.update(key=key.get_name(), fingerprint=fingerprint(key))
+        known = hostkeys.lookup(name) or {}
+        if known.get(key.get_name()) == key:
+            report.append({**row, "action": "already trusted"})
+            continue
+        if known and not replace:
+            olds = ", ".join(f"{k} {fingerprint(v)}" for k, v in known.items())
+            report.append({**row, "action": f"REFUSED: known_hosts has {olds} (use --replace)"})
+            continue
+        if known:
+            hostkeys.pop(name, None)
+            replaced = True
+        hostkeys.add(name, key.get_name(), key)
+        added.append(f"{name} {key.get_name()} {key.get_base64()}\n")
+        report.append({**row, "action": "replaced" if known else "trusted"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if replaced:
+        # Rewriting drops the old key; everything else in the file is kept.
+        tmp = path.with_name(path.name + ".ugro-tmp")
+        hostkeys.save(str(tmp))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    elif added:
+        # Appending leaves the user's own known_hosts lines exactly as they were.
+        with path.open("a") as f:
+            f.writelines(added)
+    return report

@@ -1,0 +1,170 @@
+"""Every shell command line UGRO runs on a node, built in one place.
+
+Each value passes through `shlex.quote` (or `rpath` for paths, which keeps a
+leading `~/` meaning the node's own home). The scripts are POSIX sh and use
+only what every Linux node has: coreutils, grep, and /proc.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from .config import Node
+
+PROBE_SOURCE = (Path(__file__).parent / "node_probe.py").read_text()
+EXIT_MARKER = "\x1eUGRO_EXIT"  # record separator: never part of a training log line
+
+
+def q(value) -> str:
+    return shlex.quote(str(value))
+
+
+def rpath(path: str) -> str:
+    """Quote a path for a node's shell; `~` and `~/...` mean that node's home."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + q(path[2:])
+    return q(path)
+
+
+def join(argv: list[str]) -> str:
+    return " ".join(q(a) for a in argv)
+
+
+def in_project(node: Node, command: str) -> str:
+    return f"cd {rpath(node.project_path)} && {command}"
+
+
+def probe(node: Node, deep: bool = False) -> str:
+    """Run the health probe with the node's Python, from its project path if it exists."""
+    argv = node.python.argv() + ["-c", PROBE_SOURCE]
+    path = rpath(node.project_path)
+    deep_flag = " --deep" if deep else ""
+    return f"{{ cd {path} 2>/dev/null || cd; }} && {join(argv)} {path}{deep_flag}"
+
+
+def node_job_dir(node: Node, job_id: str) -> str:
+    """A node's own directory for a job, relative to its project path."""
+    return f"data/experiments/{job_id}/nodes/{node.name}"
+
+
+# The group-liveness test is zombie-safe: a finished group leader whose parent
+# never reaps it still answers `kill -0`, so read each process's state and
+# process group from /proc instead.
+_ALIVE = r"""
+alive() {
+  [ -n "$P" ] || return 1
+  for f in /proc/[0-9]*/stat; do
+    read -r l < "$f" 2>/dev/null || continue
+    set -- ${l##*) }
+    [ "$3" = "$P" ] && [ "$1" != Z ] && return 0
+  done
+  return 1
+}
+"""
+
+# Processes tagged with this job's id (torchrun starts its workers in new
+# sessions, so the group alone does not reach them after a SIGKILL).
+_TAGGED = r"""
+tagged() { grep -lzx "UGRO_JOB_ID=$J" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; }
+"""
+
+
+def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str]) -> str:
+    """Start `argv` in its own session in the background; print the group id.
+
+    The group leader records its pid as `pgid`, and the exit code of `argv` as
+    `exit_code` when it ends, both atomically, in the node's job directory.
+    Output goes to `output.log` there, so a dropped SSH session loses nothing.
+    """
+    d = node_job_dir(node, job_id)
+    exports = " ".join(f"{k}={q(v)}" for k, v in sorted({**env, "UGRO_JOB_ID": job_id}.items()))
+    wrapper = (
+        'echo $$ >"$0/pgid.tmp" && mv "$0/pgid.tmp" "$0/pgid"; '
+        '"$@" >"$0/output.log" 2>&1 </dev/null; '
+        'echo $? >"$0/exit_code.tmp"; mv "$0/exit_code.tmp" "$0/exit_code"'
+    )
+    return in_project(
+        node,
+        f"D={q(d)}; "
+        'if [ -e "$D/pgid" ]; then echo "job already started here" >&2; exit 17; fi; '
+        'mkdir -p "$D" && '
+        f"export {exports} && "
+        f'{{ nohup setsid sh -c {q(wrapper)} "$PWD/$D" {join(argv)} '
+        ">/dev/null 2>&1 </dev/null & }}; "
+        'i=0; while [ ! -s "$D/pgid" ] && [ $i -lt 200 ]; do sleep 0.02; i=$((i+1)); done; '
+        'cat "$D/pgid"',
+    )
+
+
+def watch_job(node: Node, job_id: str, poll: float = 0.2) -> str:
+    """Stream the job's output from the start until it ends, then print the exit marker.
+
+    The marker carries the exit code, `killed` when the group died without
+    writing one, or `missing` when the job never started here.
+    """
+    d = node_job_dir(node, job_id)
+    return in_project(
+        node,
+        f"D={q(d)}; "
+        'if [ ! -e "$D/pgid" ]; then printf "\\036UGRO_EXIT missing\\n"; exit 0; fi; '
+        'P=$(cat "$D/pgid")' + _ALIVE + "\n"
+        'tail -n +1 -F "$D/output.log" 2>/dev/null & T=$!; '
+        "i=0; "
+        'while [ ! -e "$D/exit_code" ]; do '
+        f"  sleep {poll}; i=$((i+1)); "
+        '  if [ $((i % 5)) -eq 0 ] && ! alive; then [ -e "$D/exit_code" ] || break; fi; '
+        "done; "
+        "sleep 0.3; kill $T 2>/dev/null; wait $T 2>/dev/null; "
+        'if [ -e "$D/exit_code" ]; then C=$(cat "$D/exit_code"); else C=killed; fi; '
+        'printf "\\n\\036UGRO_EXIT %s\\n" "$C"',
+    )
+
+
+def job_state(node: Node, job_id: str) -> str:
+    """Print `pgid=… exit=… alive=0|1` for the job on this node."""
+    d = node_job_dir(node, job_id)
+    return in_project(
+        node,
+        f"D={q(d)}; J={q(job_id)}; "
+        'P=$(cat "$D/pgid" 2>/dev/null); E=$(cat "$D/exit_code" 2>/dev/null)' + _ALIVE + _TAGGED
+        + "\nA=0; if alive || [ -n \"$(tagged)\" ]; then A=1; fi; "
+        'echo "pgid=$P exit=$E alive=$A"',
+    )
+
+
+def kill_job(node: Node, job_id: str, grace: float = 3.0) -> str:
+    """Stop the job's process group and every process tagged with its id.
+
+    SIGTERM first (torchrun forwards it to its workers), SIGKILL after `grace`
+    seconds. Prints `stopped` or `still-alive`.
+    """
+    d = node_job_dir(node, job_id)
+    ticks = max(1, int(grace * 10))
+    return in_project(
+        node,
+        f"D={q(d)}; J={q(job_id)}; "
+        'P=$(cat "$D/pgid" 2>/dev/null)' + _ALIVE + _TAGGED + "\n"
+        'any() { alive || [ -n "$(tagged)" ]; }; '
+        'sig() { [ -n "$P" ] && kill -"$1" -- -"$P" 2>/dev/null; '
+        'for p in $(tagged); do kill -"$1" "$p" 2>/dev/null; done; }; '
+        "sig TERM; i=0; "
+        f"while any && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done; "
+        "if any; then sig KILL; sleep 0.3; fi; "
+        "if any; then echo still-alive; else echo stopped; fi",
+    )
+
+
+def read_file(node: Node, relpath: str) -> str:
+    return in_project(node, f"cat {q(relpath)}")
+
+
+def port_free(node: Node, port: int) -> str:
+    """Exit 0 when nothing listens on `port` on this node (reads /proc/net/tcp*)."""
+    hexport = f"{port:04X}"
+    return (
+        f"! cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | "
+        f"awk '$4 == \"0A\" {{ split($2, a, \":\"); print a[2] }}' | grep -qx {hexport}"
+    )

@@ -1,0 +1,336 @@
+"""The cluster file, parsed once into typed dataclasses.
+
+Everything downstream takes a `Cluster`; nothing else reads the raw YAML. Every
+error names the file and either the YAML line or the field path
+(`workers[1].ip: missing`), so a user can fix it from one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UgroError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]*$")
+STRATEGIES = ("pixi", "venv", "system")
+
+
+class ConfigError(UgroError):
+    pass
+
+
+@dataclass(frozen=True)
+class PythonEnv:
+    """How to run Python on a node: the sync-envs strategy and its interpreter."""
+
+    strategy: str = "system"  # pixi | venv | system
+    pixi_env: str = "default"
+    venv: str = ".venv"  # relative to the project path, or absolute
+    command: str = "python3"  # the system interpreter
+
+    def argv(self) -> list[str]:
+        """The interpreter as argv words, run from inside the project path."""
+        if self.strategy == "pixi":
+            return ["pixi", "run", "--frozen", "-e", self.pixi_env, "python"]
+        if self.strategy == "venv":
+            return [f"{self.venv.rstrip('/')}/bin/python"]
+        return [self.command]
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    host: str
+    user: str
+    port: int = 22
+    identity_file: str | None = None
+    project_path: str = "."
+    python: PythonEnv = field(default_factory=PythonEnv)
+    gpus: int = 0
+    cpu_procs: int = 1  # ranks to start on a node without GPUs
+    rank: int = 0  # node rank in a launch over every training node
+    local: bool = False  # the control node itself: Invoke's local runner, no SSH
+    env: dict[str, str] = field(default_factory=dict)
+    gpu_model: str | None = None  # documentation only; health reports the real one
+
+    @property
+    def procs(self) -> int:
+        """Default ranks per node: one per GPU, or cpu_procs on a CPU node."""
+        return self.gpus if self.gpus > 0 else self.cpu_procs
+
+    @property
+    def address(self) -> str:
+        return self.host if self.port == 22 else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    source: Path
+    nodes: tuple[Node, ...]  # training nodes, ordered by rank
+    master: Node  # hosts the rendezvous; rank 0
+    master_port: int = 29500
+    rdzv_backend: str = "c10d"
+    health_timeout: float = 5.0
+    known_hosts: str = "~/.ssh/known_hosts"
+    port_policy: str = "next-free"  # or "refuse": what a busy master port does
+    sync_paths: tuple[str, ...] = ()
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        known = ", ".join(n.name for n in self.nodes)
+        raise UgroError(f"unknown node '{name}' (this cluster has: {known})")
+
+    def select(self, names: str | None) -> tuple[Node, ...]:
+        """The nodes named in a comma list (all when empty), in rank order."""
+        if not names:
+            return self.nodes
+        wanted = [s.strip() for s in names.split(",") if s.strip()]
+        for name in wanted:
+            self.node(name)
+        return tuple(n for n in self.nodes if n.name in wanted)
+
+    @property
+    def known_hosts_path(self) -> Path:
+        return Path(os.path.expanduser(self.known_hosts))
+
+
+def _expand(value: str) -> str:
+    return os.path.expandvars(value)
+
+
+def _expand_path(value: str, local: bool) -> str:
+    # `~` on a remote node means that node's home, which only its shell knows;
+    # the command builders expand it there.
+    value = _expand(value)
+    return os.path.expanduser(value) if local else value
+
+
+class _Fields:
+    """Reads one mapping, naming the field path in every error."""
+
+    def __init__(self, source: Path, path: str, data: Any):
+        self.source, self.path = source, path
+        if not isinstance(data, dict):
+            self.fail("", "expected a mapping")
+        self.data = data
+
+    def fail(self, key: str, why: str):
+        where = f"{self.path}.{key}" if key and self.path else key or self.path
+        raise ConfigError(f"{self.source}: {where}: {why}")
+
+    def get(self, key: str, kind: type | tuple, default: Any = ..., *, required=False):
+        if key not in self.data or self.data[key] is None:
+            if required or default is ...:
+                self.fail(key, "missing")
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            self.fail(key, f"expected {kinds[0].__name__}, got {value!r}")
+        if float in kinds and isinstance(value, int):
+            return float(value)
+        if not isinstance(value, kinds):
+            self.fail(key, f"expected {kinds[0].__name__}, got {value!r}")
+        return value
+
+    def string(self, key: str, default: Any = ...) -> str:
+        value = self.get(key, (str, int, float), default)
+        return value if value is None else _expand(str(value))
+
+    def port(self, key: str, default: int) -> int:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+            self.fail(key, "not a port")
+        return value
+
+    def count(self, key: str, default: int, minimum: int = 0) -> int:
+        value = self.get(key, int, default)
+        if value < minimum:
+            self.fail(key, f"must be >= {minimum}")
+        return value
+
+    def unknown(self, allowed: set[str]):
+        extra = sorted(set(self.data) - allowed)
+        if extra:
+            self.fail(extra[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
+
+
+NODE_FIELDS = {
+    "name", "ip", "host", "user", "ssh_port", "port", "identity_file", "project_path",
+    "python", "gpus", "cpu_procs", "rank", "local", "train", "env", "gpu_model",
+}
+
+
+def _python_env(f: _Fields, key: str) -> PythonEnv:
+    raw = f.data.get(key)
+    if raw is None:
+        return PythonEnv()
+    if isinstance(raw, str):
+        return PythonEnv(command=_expand(raw))
+    sub = _Fields(f.source, f"{f.path}.{key}", raw)
+    sub.unknown({"strategy", "env", "venv", "command"})
+    strategy = sub.string("strategy", "system")
+    if strategy not in STRATEGIES:
+        sub.fail("strategy", f"must be one of {', '.join(STRATEGIES)}")
+    return PythonEnv(
+        strategy=strategy,
+        pixi_env=sub.string("env", "default"),
+        venv=sub.string("venv", ".venv"),
+        command=sub.string("command", "python3"),
+    )
+
+
+def _node(source: Path, path: str, data: Any, default_rank: int) -> Node:
+    f = _Fields(source, path, data)
+    f.unknown(NODE_FIELDS)
+    name = f.string("name")
+    if not NAME_RE.match(name):
+        f.fail("name", "use letters, digits, '.', '_' or '-' (at most 64)")
+    local = f.get("local", bool, False)
+    host = f.string("ip", None) or f.string("host", None)
+    if host is None:
+        if not local:
+            f.fail("ip", "missing")
+        host = "127.0.0.1"
+    if not HOST_RE.match(host):
+        f.fail("ip", f"not a host name or address: {host!r}")
+    port = f.port("ssh_port" if "ssh_port" in f.data else "port", 22)
+    env = f.get("env", dict, {})
+    for k, v in env.items():
+        if not isinstance(k, str) or not ENV_KEY_RE.match(k):
+            f.fail("env", f"not an environment variable name: {k!r}")
+        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            f.fail(f"env.{k}", "expected a string")
+    identity = f.string("identity_file", None)
+    return Node(
+        name=name,
+        host=host,
+        user=f.string("user", None) or os.environ.get("USER") or _whoami(),
+        port=port,
+        identity_file=os.path.expanduser(identity) if identity else None,
+        project_path=_expand_path(f.string("project_path", "."), local),
+        python=_python_env(f, "python"),
+        gpus=f.count("gpus", 0),
+        cpu_procs=f.count("cpu_procs", 1, minimum=1),
+        rank=f.count("rank", default_rank),
+        local=local,
+        env={k: _expand(str(v)) for k, v in env.items()},
+        gpu_model=f.string("gpu_model", None),
+    )
+
+
+def _whoami() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> Cluster:
+    """Parse cluster YAML text; `source` only names the file in errors."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: {where}: invalid YAML ({problem})") from None
+    if data is None:
+        raise ConfigError(f"{source}: empty file")
+    top = _Fields(source, "", data)
+    top.unknown({"cluster", "master", "workers", "training", "sync"})
+    settings = _Fields(source, "cluster", data.get("cluster") or {})
+    settings.unknown({
+        "name", "master_port", "rdzv_backend", "health_timeout", "known_hosts", "port_policy",
+    })
+
+    master_raw = top.get("master", dict)
+    master_f = _Fields(source, "master", master_raw)
+    trains = master_f.get("train", bool, True)
+    master_data = {k: v for k, v in master_raw.items() if k != "train"}
+    master = _node(source, "master", master_data, 0)
+
+    workers_raw = top.get("workers", list, [])
+    workers = [
+        _node(source, f"workers[{i}]", w, i + (1 if trains else 0))
+        for i, w in enumerate(workers_raw)
+    ]
+    nodes = ([master] if trains else []) + workers
+    if not nodes:
+        top.fail("workers", "no training nodes (add workers or set master.train: true)")
+    _refuse_duplicates(source, nodes, "name")
+    _refuse_duplicates(source, nodes, "rank")
+    if project_root is not None:
+        # A local node's relative project path is this checkout's.
+        nodes = [
+            replace(n, project_path=str((project_root / n.project_path).resolve()))
+            if n.local and not os.path.isabs(n.project_path) else n
+            for n in nodes
+        ]
+        master = next((n for n in nodes if n.name == master.name), master)
+    nodes.sort(key=lambda n: n.rank)
+    if [n.rank for n in nodes] != list(range(len(nodes))):
+        ranks = ", ".join(str(n.rank) for n in nodes)
+        top.fail("workers", f"node ranks must be 0..{len(nodes) - 1}, got {ranks}")
+
+    backend = settings.string("rdzv_backend", "c10d")
+    if backend not in ("c10d", "static"):
+        settings.fail("rdzv_backend", "must be c10d or static")
+    policy = settings.string("port_policy", "next-free")
+    if policy not in ("next-free", "refuse"):
+        settings.fail("port_policy", "must be next-free or refuse")
+    timeout = settings.get("health_timeout", float, 5.0)
+    if timeout <= 0:
+        settings.fail("health_timeout", "must be > 0")
+    sync = _Fields(source, "sync", data.get("sync") or {})
+    sync.unknown({"paths"})
+    extra_paths = sync.get("paths", list, [])
+    return Cluster(
+        name=settings.string("name", source.stem),
+        source=source,
+        nodes=tuple(nodes),
+        master=master,
+        master_port=settings.port("master_port", 29500),
+        rdzv_backend=backend,
+        health_timeout=timeout,
+        known_hosts=_expand(settings.string("known_hosts", "~/.ssh/known_hosts")),
+        port_policy=policy,
+        sync_paths=tuple(str(p) for p in extra_paths),
+        training=top.get("training", dict, {}),
+    )
+
+
+def _refuse_duplicates(source: Path, nodes: list[Node], attr: str):
+    seen: dict[Any, str] = {}
+    for n in nodes:
+        value = getattr(n, attr)
+        if value in seen:
+            raise ConfigError(
+                f"{source}: duplicate node {attr} {value!r} ({seen[value]} and {n.name})"
+            )
+        seen[value] = n.name
+
+
+def load_cluster(path: str | Path, project_root: Path | None = None) -> Cluster:
+    """Read and parse a cluster file; a relative path is taken from the project root."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_absolute() and project_root is not None:
+        p = project_root / p
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: cluster file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read ({exc.strerror})") from None
+    return parse_cluster(text, p, project_root)

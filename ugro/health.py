@@ -1,0 +1,239 @@
+"""`inv health`: every node probed at once, one row each, drift called out.
+
+The parsers (`parse_nvidia_smi`, `parse_probe`) are pure functions over text;
+`check()` fans the probe out and turns answers into `NodeHealth` records.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import commands, store
+from .cluster import Session, fan_out
+from .config import Cluster, Node
+
+PROBE_PREFIX = "UGRO_PROBE "
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    memory_total_mib: int | None
+    memory_used_mib: int | None
+    utilization_pct: int | None
+    temperature_c: int | None
+    driver: str | None
+
+
+def _number(text: str) -> int | None:
+    text = text.strip()
+    if not text or text.startswith("[") or text.upper() in ("N/A", "NONE"):
+        return None  # nvidia-smi prints [N/A] or [Not Supported] for unknowns
+    return int(float(text))
+
+
+def parse_nvidia_smi(csv_text: str) -> list[Gpu]:
+    """Parse `nvidia-smi --query-gpu=<probe fields> --format=csv,noheader,nounits`."""
+    gpus = []
+    for lineno, line in enumerate(csv_text.splitlines(), 1):
+        if not line.strip():
+            continue
+        cols = [c.strip() for c in line.split(",")]
+        if len(cols) != 7:
+            raise ValueError(f"nvidia-smi line {lineno}: expected 7 fields, got {len(cols)}")
+        try:
+            gpus.append(Gpu(
+                index=int(cols[0]),
+                name=cols[1],
+                memory_total_mib=_number(cols[2]),
+                memory_used_mib=_number(cols[3]),
+                utilization_pct=_number(cols[4]),
+                temperature_c=_number(cols[5]),
+                driver=None if cols[6].startswith("[") else cols[6],
+            ))
+        except ValueError:
+            raise ValueError(f"nvidia-smi line {lineno}: not a number in {line!r}") from None
+    return gpus
+
+
+def parse_probe(stdout: str) -> dict:
+    """The probe's JSON report, found among whatever else the login printed."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(PROBE_PREFIX):
+            try:
+                report = json.loads(line[len(PROBE_PREFIX):])
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"probe report is not JSON ({exc.msg})") from None
+            if not isinstance(report, dict):
+                raise ValueError("probe report is not a JSON object")
+            return report
+    raise ValueError("no probe report in the output")
+
+
+@dataclass
+class NodeHealth:
+    node: str
+    address: str
+    healthy: bool
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    hostname: str | None = None
+    python: str | None = None
+    torch: str | None = None
+    torch_cuda: str | None = None
+    driver: str | None = None
+    gpus: list[Gpu] = field(default_factory=list)
+    disk_free_gib: float | None = None
+    loadavg: list[float] | None = None
+    deep: dict | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+MIN_FREE_DISK_GIB = 2.0
+
+
+def assess(node: Node, report: dict, seconds: float) -> NodeHealth:
+    """Turn one probe report into a verdict: problems make a node unhealthy."""
+    h = NodeHealth(node=node.name, address=node.address, healthy=True, seconds=seconds)
+    h.hostname = report.get("hostname")
+    h.python = report.get("python")
+    h.torch, h.torch_cuda = report.get("torch"), report.get("torch_cuda")
+    h.loadavg = report.get("loadavg")
+    disk = report.get("disk") or {}
+    if isinstance(disk.get("free"), int):
+        h.disk_free_gib = round(disk["free"] / GIB, 1)
+        if h.disk_free_gib < MIN_FREE_DISK_GIB:
+            h.warnings.append(f"only {h.disk_free_gib} GiB free at {disk.get('path')}")
+    if not report.get("project_exists"):
+        h.warnings.append(f"project path {node.project_path} does not exist")
+    if not h.torch:
+        h.problems.append("torch is not installed in the node's Python")
+    smi = report.get("nvidia_smi") or {}
+    status = smi.get("status")
+    if status == "ok":
+        try:
+            h.gpus = parse_nvidia_smi(smi.get("csv", ""))
+        except ValueError as exc:
+            h.problems.append(str(exc))
+        drivers = sorted({g.driver for g in h.gpus if g.driver})
+        h.driver = ",".join(drivers) or None
+    elif status == "error":
+        h.problems.append(f"nvidia-smi failed: {smi.get('error')}")
+    if node.gpus and len(h.gpus) < node.gpus and status != "error":
+        found = "none" if not h.gpus else str(len(h.gpus))
+        h.problems.append(f"config says {node.gpus} GPU(s), found {found}")
+    deep = report.get("deep")
+    if deep is not None:
+        h.deep = deep
+        if not deep.get("ok"):
+            h.problems.append(deep.get("error", "deep check failed"))
+        elif node.gpus and not deep.get("cuda_available"):
+            h.problems.append("torch cannot use CUDA")
+    h.healthy = not h.problems
+    return h
+
+
+def check(cluster: Cluster, nodes: tuple[Node, ...] | None = None, *, deep: bool = False,
+          timeout: float | None = None, session: Session | None = None) -> list[NodeHealth]:
+    """Probe every node at once; a dead or slow node costs at most `timeout`."""
+    nodes = nodes or cluster.nodes
+    timeout = timeout or cluster.health_timeout
+    own = session is None
+    session = session or Session(cluster, timeout)
+    # Importing torch for --deep takes seconds on its own; don't count it as a hang.
+    run_timeout = timeout + (30 if deep else 0)
+
+    def one(node: Node) -> NodeHealth:
+        start = time.monotonic()
+        answer = session.run(node, commands.probe(node, deep), timeout=run_timeout)
+        seconds = round(time.monotonic() - start, 2)
+        if answer.error:
+            return NodeHealth(node.name, node.address, False, [answer.error], seconds=seconds)
+        try:
+            report = parse_probe(answer.stdout)
+        except ValueError as exc:
+            why = (answer.stderr.strip().splitlines() or [str(exc)])[-1]
+            return NodeHealth(node.name, node.address, False,
+                              [f"probe failed (exit {answer.exited}): {why}"], seconds=seconds)
+        return assess(node, report, seconds)
+
+    try:
+        return list(fan_out(nodes, one).values())
+    finally:
+        if own:
+            session.close()
+
+
+DRIFT_FIELDS = ("python", "torch", "torch_cuda", "driver")
+
+
+def drift(reports: list[NodeHealth]) -> list[str]:
+    """One line per version that differs across the nodes that answered."""
+    lines = []
+    answered = [r for r in reports if r.hostname]
+    for name in DRIFT_FIELDS:
+        values: dict[str, list[str]] = {}
+        for r in answered:
+            values.setdefault(str(getattr(r, name)), []).append(r.node)
+        if len(values) > 1:
+            parts = "; ".join(f"{v} on {', '.join(ns)}" for v, ns in values.items())
+            lines.append(f"{name} differs: {parts}")
+    return lines
+
+
+def _gpu_cell(h: NodeHealth) -> str:
+    if not h.gpus:
+        return "-"
+    cells = []
+    for g in h.gpus:
+        mem = (f"{(g.memory_used_mib or 0) / 1024:.1f}/{g.memory_total_mib / 1024:.0f}G"
+               if g.memory_total_mib else "?")
+        util = f"{g.utilization_pct}%" if g.utilization_pct is not None else "?"
+        temp = f" {g.temperature_c}C" if g.temperature_c is not None else ""
+        cells.append(f"{g.index}:{g.name} {mem} {util}{temp}")
+    return "\n".join(cells)
+
+
+def table(reports: list[NodeHealth]) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for h in reports:
+        status = "ok" if h.healthy else "UNHEALTHY"
+        notes = h.problems + [f"warning: {w}" for w in h.warnings]
+        rows.append([
+            h.node, h.address, status, _gpu_cell(h), h.python or "-",
+            h.torch or "-", h.torch_cuda or ("cpu" if h.torch else "-"), h.driver or "-",
+            f"{h.disk_free_gib:g}G" if h.disk_free_gib is not None else "-",
+            f"{h.loadavg[0]:.2f}" if h.loadavg else "-",
+            "\n".join(notes) or "",
+        ])
+    headers = ["node", "address", "status", "GPUs (used/total, util)", "python", "torch",
+               "cuda", "driver", "disk free", "load", "notes"]
+    return tabulate(rows, headers=headers, tablefmt="simple")
+
+
+def save(data_dir: Path, log_dir: Path, cluster: Cluster, reports: list[NodeHealth]) -> Path:
+    """Write the cluster state atomically and append one line to the health log."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    state = {
+        "checked_at": now,
+        "cluster": cluster.name,
+        "nodes": [r.as_dict() for r in reports],
+        "drift": drift(reports),
+    }
+    path = data_dir / "cluster_state.json"
+    store.write_json(path, state)
+    summary = " ".join(f"{r.node}={'ok' if r.healthy else 'UNHEALTHY'}" for r in reports)
+    store.append_line(log_dir / "health.log", f"{now} {cluster.name} {summary}")
+    return path

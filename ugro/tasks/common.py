@@ -1,0 +1,76 @@
+"""What every task shares: the project root, the cluster file, error handling."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+from invoke import Context
+from invoke.exceptions import Exit
+
+from ..config import Cluster, Node, load_cluster
+from ..errors import UgroError
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULTS = {
+    "ugro": {
+        "cluster": "config/cluster.yaml",
+        "data_dir": "data",
+        "log_dir": "logs",
+        "defaults": "config/training_defaults.yaml",
+    }
+}
+
+
+def cli(fn):
+    """Let a task raise UgroError for one clear line on stderr and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UgroError as exc:
+            raise Exit(f"ugro: {exc}", code=exc.exit_code) from None
+
+    return wrapper
+
+
+def setting(c: Context, key: str) -> str:
+    return c.config.get("ugro", {}).get(key) or DEFAULTS["ugro"][key]
+
+
+def project_path(c: Context, key: str) -> Path:
+    p = Path(setting(c, key)).expanduser()
+    return p if p.is_absolute() else ROOT / p
+
+
+def cluster_of(c: Context) -> Cluster:
+    return load_cluster(setting(c, "cluster"), ROOT)
+
+
+def is_connection(c: Context) -> bool:
+    """True under `fab -H host`: the task was handed a Connection to one host."""
+    return type(c).__module__.startswith("fabric")
+
+
+def host_node(c: Context, cluster: Cluster) -> Node:
+    """The cluster node a `fab -H NAME` connection means (by node name or address)."""
+    host = getattr(c, "original_host", None) or c.host
+    for n in cluster.nodes + (cluster.master,):
+        if host in (n.name, n.host, f"{n.user}@{n.host}", f"{n.host}:{n.port}"):
+            return n
+    known = ", ".join(n.name for n in cluster.nodes)
+    raise UgroError(f"host '{host}' is not a node of cluster {cluster.name} ({known})")
+
+
+def target_nodes(c: Context, cluster: Cluster, nodes: str | None) -> tuple[Node, ...]:
+    if is_connection(c):
+        return (host_node(c, cluster),)
+    return cluster.select(nodes)
+
+
+def print_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
