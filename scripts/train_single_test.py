@@ -68,7 +68,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--epochs", type=positive_int, default=3, help="epochs to train in total")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per rank per step")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=32, help="sequences per rank per step"
+    )
     p.add_argument("--seq-len", type=positive_int, default=64, help="characters per sequence")
     p.add_argument(
         "--steps-per-epoch", type=positive_int, default=100,
@@ -252,7 +254,9 @@ def main(argv=None):
             "resumed_from": resumed_from,
         }
         print(f"config: {json.dumps(config)}", flush=True)
-        if args.resume and resumed_from is None:
+        if resumed_from is not None:
+            print(f"resume: {resumed_from} (epoch {start_epoch - 1}, step {step})", flush=True)
+        elif args.resume:
             print(f"resume: no checkpoint in {ckpt_dir}, starting at epoch 1", flush=True)
         metrics_file = open(metrics_path, "a" if args.resume else "w", encoding="utf-8")
 
