@@ -93,7 +93,7 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str]) -> 
         'mkdir -p "$D" && '
         f"export {exports} && "
         f'{{ nohup setsid sh -c {q(wrapper)} "$PWD/$D" {join(argv)} '
-        ">/dev/null 2>&1 </dev/null & }}; "
+        ">/dev/null 2>&1 </dev/null & }; "
         'i=0; while [ ! -s "$D/pgid" ] && [ $i -lt 200 ]; do sleep 0.02; i=$((i+1)); done; '
         'cat "$D/pgid"',
     )
@@ -161,10 +161,34 @@ def read_file(node: Node, relpath: str) -> str:
     return in_project(node, f"cat {q(relpath)}")
 
 
-def port_free(node: Node, port: int) -> str:
-    """Exit 0 when nothing listens on `port` on this node (reads /proc/net/tcp*)."""
-    hexport = f"{port:04X}"
+def listening_ports(node: Node) -> str:
+    """Print the TCP ports something listens on, one hex number a line (from /proc)."""
     return (
-        f"! cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | "
-        f"awk '$4 == \"0A\" {{ split($2, a, \":\"); print a[2] }}' | grep -qx {hexport}"
+        "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | "
+        "awk '$4 == \"0A\" { split($2, a, \":\"); print a[2] }' | sort -u"
+    )
+
+
+def kill_all_jobs(node: Node, grace: float = 3.0) -> str:
+    """Stop every UGRO job still running on this node, found from its job directories.
+
+    For `inv reset`: it needs no record on the control node, only what each
+    job left on the node (its `pgid`, and no `exit_code` yet). Prints one line
+    per job it stopped.
+    """
+    ticks = max(1, int(grace * 10))
+    return in_project(
+        node,
+        _ALIVE + _TAGGED + "\n"
+        'any() { alive || [ -n "$(tagged)" ]; }; '
+        'sig() { [ -n "$P" ] && kill -"$1" -- -"$P" 2>/dev/null; '
+        'for p in $(tagged); do kill -"$1" "$p" 2>/dev/null; done; }; '
+        f"for D in data/experiments/*/nodes/{q(node.name)}; do "
+        '  [ -e "$D/pgid" ] && [ ! -e "$D/exit_code" ] || continue; '
+        '  P=$(cat "$D/pgid"); J=${D#data/experiments/}; J=${J%%/*}; '
+        "  any || continue; sig TERM; i=0; "
+        f"  while any && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done; "
+        "  if any; then sig KILL; sleep 0.3; fi; "
+        '  if any; then echo "$J still-alive"; else echo "$J stopped"; fi; '
+        "done; true",
     )

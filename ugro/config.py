@@ -107,7 +107,9 @@ class Cluster:
 
 
 def _expand(value: str) -> str:
-    return os.path.expandvars(value)
+    # $USER is often unset (cron, containers, sudo -i); it still means "me".
+    user = os.environ.get("USER") or _whoami()
+    return os.path.expandvars(value.replace("${USER}", user).replace("$USER", user))
 
 
 def _expand_path(value: str, local: bool) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from .. import commands, health as health_mod
-from ..cluster import Session, trust_hosts as pin_host_keys
+from .. import commands
+from .. import health as health_mod
+from ..cluster import Session
+from ..cluster import trust_hosts as pin_host_keys
 from .common import cli, cluster_of, print_json, project_path, target_nodes
 
 

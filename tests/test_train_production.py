@@ -1,0 +1,287 @@
+"""scripts/train_production.py, run for real on the CPU: a tiny random Llama and a tokenizer built
+here, LoRA, torchrun with 2 ranks (gloo). Nothing touches the network: the hub is switched off."""
+
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "train_production.py"
+METRIC_KEYS = {"step", "epoch", "loss", "lr", "samples_per_sec", "time"}
+STEP_LINE = re.compile(
+    r"step \d+ \| epoch \d+ \| loss \d+\.\d{4} \| lr \d\.\d\de[-+]\d\d \| samples/s \d+\.\d"
+)
+SENTENCES = ["the cat sat on the mat.", "a dog ran to the park.", "we like to read good books.",
+             "the sun is warm today."]
+# 115 blocks of 32 tokens: 57 micro-batches per rank, 29 optimizer steps an epoch at --grad-accum 2.
+STEPS_PER_EPOCH = 29
+SMALL = ["--seq-len", "32", "--lr", "1e-2", "--grad-accum", "2", "--warmup-steps", "2",
+         "--logging-steps", "4"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_production", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def env():
+    # Gloo picks its interface from the hostname; pin it to loopback. The hub is switched off so
+    # that a name that is not a local path fails at once instead of trying the network.
+    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_script(*args, timeout=120):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env(), cwd=ROOT)
+
+
+def torchrun(*args, timeout=180):
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(SCRIPT), *args],
+        capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT,
+    )
+
+
+def read_metrics(path):
+    """The records of metrics.jsonl, each checked against the format."""
+    text = path.read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    for record in records:
+        assert set(record) == METRIC_KEYS
+        assert isinstance(record["step"], int) and isinstance(record["epoch"], int)
+        for key in ("loss", "lr", "samples_per_sec", "time"):
+            assert isinstance(record[key], float)
+    if (ROOT / "ugro" / "metrics.py").exists():
+        from ugro.metrics import parse_jsonl
+
+        points = parse_jsonl(text)
+        assert [(p.step, p.epoch, p.loss) for p in points] == \
+            [(r["step"], r["epoch"], r["loss"]) for r in records]
+    return records
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A random 2-layer Llama with a BPE tokenizer trained here, and a text file to train on."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    lines = [SENTENCES[i % len(SENTENCES)] for i in range(200)]
+    (root / "data.txt").write_text("\n".join(lines) + "\n")
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=64, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(root / "model")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    return root
+
+
+@pytest.fixture(scope="session")
+def first_epoch(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    result = torchrun("--model", str(tiny / "model"), "--dataset", str(tiny / "data.txt"),
+                      "--output-dir", str(out), "--epochs", "1", *SMALL)
+    return out, result
+
+
+# --- settings: in-process, no training stack needed beyond the import guard -----------------
+
+
+def write_config(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_the_shipped_defaults_are_the_reference_job():
+    cfg = load_script().resolve_config([])
+    assert (cfg.model, cfg.dataset, cfg.dataset_config) == \
+        ("unsloth/tinyllama-bnb-4bit", "wikitext", "wikitext-2-raw-v1")
+    assert (cfg.lr, cfg.batch_size, cfg.grad_accum, cfg.seq_len) == (2e-4, 1, 8, 2048)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (16, 32, 0.05)
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.load_in_4bit and cfg.bnb_compute_dtype == "float16"
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon) == (0.9, 0.999, 1e-8)
+
+
+def test_flags_override_the_file(tmp_path):
+    script = load_script()
+    cfg = script.resolve_config([
+        "--model", "m", "--dataset", "other", "--epochs", "3", "--lr", "1e-3",
+        "--batch-size", "2", "--lora-target-modules", "q_proj,k_proj", "--no-load-in-4bit",
+        "--max-steps", "5", "--output-dir", str(tmp_path),
+    ])
+    assert (cfg.model, cfg.epochs, cfg.lr, cfg.batch_size, cfg.max_steps) == ("m", 3, 1e-3, 2, 5)
+    assert cfg.lora_target_modules == ["q_proj", "k_proj"]
+    assert cfg.load_in_4bit is False and cfg.output_dir == str(tmp_path)
+    # wikitext's configuration does not follow the dataset to another name.
+    assert cfg.dataset == "other" and cfg.dataset_config is None
+    assert script.resolve_config(["--dataset", "wikitext"]).dataset_config == "wikitext-2-raw-v1"
+
+
+def test_yaml_numbers_without_a_dot_are_read_as_floats(tmp_path):
+    path = write_config(tmp_path / "c.yaml",
+                        "training:\n  model: m\n  dataset: d\n  lr: 2e-4\n"
+                        "  lora:\n    target_modules: q_proj\n")
+    cfg = load_script().resolve_config(["--config", path])
+    assert cfg.lr == 2e-4 and cfg.lora_target_modules == ["q_proj"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("training:\n  model: m\n  dataset: d\n  lora:\n    rank: 4\n", "training.lora.rank: unknown key"),
+    ("training:\n  model: m\n  dataset: d\n  epochs: two\n",
+     "training.epochs: expected int, got 'two'"),
+    ("launch: {}\n", "training: missing or not a mapping"),
+    ("training: [\n", "not valid YAML"),
+])
+def test_config_file_errors_name_the_field(tmp_path, text, message):
+    script = load_script()
+    path = write_config(tmp_path / "c.yaml", text)
+    with pytest.raises(script.UserError, match=re.escape(message)) as caught:
+        script.resolve_config(["--config", path])
+    assert path in str(caught.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
+    (["--seq-len", "1"], "seq_len must be at least 2, got 1"),
+    (["--lora-dropout", "1.5"], "lora_dropout must be in [0, 1), got 1.5"),
+    (["--lora-target-modules", ","], "lora_target_modules is empty"),
+    (["--lr", "0"], "lr must be positive, got 0.0"),
+])
+def test_conflicting_settings_are_refused(flags, message):
+    script = load_script()
+    with pytest.raises(script.UserError, match=re.escape(message)):
+        script.resolve_config(flags)
+
+
+def test_a_conflicting_setting_is_one_line_on_stderr():
+    result = run_script("--batch-size", "0")
+    assert result.returncode == 1
+    assert result.stderr == "error: batch_size must be at least 1, got 0\n"
+
+
+# --- failures a user causes: one line, no traceback -----------------------------------------
+
+
+def assert_one_error_line(result, *fragments):
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_a_missing_model_is_one_clear_line(tiny, tmp_path):
+    result = run_script("--model", str(tmp_path / "no-model"), "--dataset",
+                        str(tiny / "data.txt"), "--output-dir", str(tmp_path))
+    assert_one_error_line(result, f"model {tmp_path / 'no-model'}: no such directory")
+
+
+def test_a_model_missing_from_an_offline_hub_names_the_hub(tiny, tmp_path):
+    result = run_script("--model", "no-such-owner/no-such-model", "--dataset",
+                        str(tiny / "data.txt"), "--output-dir", str(tmp_path))
+    assert_one_error_line(result, "model no-such-owner/no-such-model could not be loaded",
+                          "hub may be unreachable")
+
+
+def test_a_missing_dataset_is_one_clear_line(tiny, tmp_path):
+    result = run_script("--model", str(tiny / "model"), "--dataset", str(tmp_path / "none.txt"),
+                        "--output-dir", str(tmp_path))
+    assert_one_error_line(result, f"dataset {tmp_path / 'none.txt'}: no such .txt or .jsonl file")
+
+
+def test_lora_targets_absent_from_the_model_are_named(tiny, tmp_path):
+    result = run_script("--model", str(tiny / "model"), "--dataset", str(tiny / "data.txt"),
+                        "--output-dir", str(tmp_path), "--seq-len", "32",
+                        "--lora-target-modules", "q_proj,query_key_value")
+    assert_one_error_line(result, "lora_target_modules query_key_value not in model",
+                          "q_proj", "v_proj")
+
+
+# --- training, for real ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_ranks_train_log_and_checkpoint(first_epoch):
+    out, result = first_epoch
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [*range(4, STEPS_PER_EPOCH, 4), STEPS_PER_EPOCH]
+    assert {r["epoch"] for r in records} == {1}
+    losses = [r["loss"] for r in records]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0] - 0.2, losses
+    assert all(r["samples_per_sec"] > 0 for r in records)
+
+    lines = result.stdout.splitlines()
+    config = json.loads(next(line for line in lines if line.startswith("config: "))[8:])
+    assert config["world_size"] == 2 and config["backend"] == "gloo" and config["lr"] == 1e-2
+    # Rank 0 alone prints.
+    assert sum(line.startswith("config: ") for line in lines) == 1
+    assert "note: no CUDA: loading" in result.stdout and "float32" in result.stdout
+    step_lines = [line for line in lines if line.startswith("step ")]
+    assert len(step_lines) == len(records) and all(STEP_LINE.fullmatch(s) for s in step_lines)
+    assert lines[-1] == f"done: epochs=1 final_loss={records[-1]['loss']:.4f}"
+
+    ckpt = out / "checkpoints" / "epoch_1"
+    assert (ckpt / "adapter_config.json").exists() and (ckpt / "trainer_state.pt").exists()
+    assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 16
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1"]
+    if importlib.util.find_spec("tensorboard"):
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_resume_continues_the_steps_in_the_next_epoch(first_epoch, tiny, tmp_path):
+    out, result = first_epoch
+    assert result.returncode == 0, result.stderr
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
+    # Lines from a run that died after the checkpoint must not survive the resume.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 33, "epoch": 2, "loss": 9.0, "lr": 0.01, "samples_per_sec": 1.0, '
+                '"time": 1.0}\n{"step": 3')
+
+    resumed = torchrun("--model", str(tiny / "model"), "--dataset", str(tiny / "data.txt"),
+                       "--output-dir", str(tmp_path), "--epochs", "2", "--max-steps", "40",
+                       "--resume", *SMALL)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resume: from {tmp_path / 'checkpoints' / 'epoch_1'}, at epoch 2 step 29" \
+        in resumed.stdout
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    before = read_metrics(out / "metrics.jsonl")
+    assert records[: len(before)] == before
+    assert [r["step"] for r in records[len(before):]] == [32, 36, 40]
+    assert {r["epoch"] for r in records[len(before):]} == {2}
+    # Continuing from the trained adapter, not from scratch.
+    assert records[-1]["loss"] < before[0]["loss"] - 0.2
+    assert (tmp_path / "checkpoints" / "epoch_2" / "adapter_config.json").exists()
+    assert resumed.stdout.splitlines()[-1] == \
+        f"done: epochs=2 final_loss={records[-1]['loss']:.4f}"

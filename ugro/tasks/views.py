@@ -1,0 +1,5 @@
+"""placeholder"""
+
+from invoke import Collection
+
+ns = Collection()
