@@ -48,6 +48,7 @@ memory) end as one `error: ...` line on stderr and exit status 1.
 
 import argparse
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -255,6 +256,13 @@ def looks_local(name):
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
+def installed_version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def first_line(error):
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -281,8 +289,11 @@ def load_texts(cfg):
             texts.append(record["text"])
         return texts
 
-    import datasets
-
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("the training stack is missing (datasets): "
+                        "pip install 'ugro[train]'") from None
     datasets.disable_progress_bars()
     name = cfg.dataset + (f" ({cfg.dataset_config})" if cfg.dataset_config else "")
     try:
@@ -348,6 +359,9 @@ def load_model(cfg, device, use_4bit, use_unsloth):
     if device.type != "cuda" and getattr(model_config, "quantization_config", None):
         raise UserError(f"model {cfg.model} is stored quantized and cannot be trained in float32 "
                         f"on a CPU: use its unquantized original")
+    # A weightless copy finds a misspelt target module before gigabytes of weights download.
+    with torch.device("meta"):
+        check_target_modules(AutoModelForCausalLM.from_config(model_config), cfg)
     kwargs = {"dtype": compute_dtype}
     if use_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -365,7 +379,6 @@ def load_model(cfg, device, use_4bit, use_unsloth):
         )
     else:
         model.to(device)
-    check_target_modules(model, cfg)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora), tokenizer
@@ -453,19 +466,6 @@ def train(cfg):
         backend = "gloo"
     use_4bit = cfg.load_in_4bit and cuda
     use_unsloth = cuda and importlib.util.find_spec("unsloth") is not None
-    if use_unsloth:
-        # unsloth patches transformers and peft on import, so it must come before them.
-        import unsloth  # noqa: F401
-    try:
-        import peft
-        import transformers
-    except ImportError as e:
-        raise UserError(f"the training stack is missing ({e.name}): "
-                        f"pip install 'ugro[train]'") from None
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-    if not is_master:
-        transformers.utils.logging.disable_progress_bar()
     if world_size > 1:
         dist.init_process_group(backend, device_id=device if cuda else None)
 
@@ -475,13 +475,29 @@ def train(cfg):
     if is_master:
         config = {**asdict(cfg), "world_size": world_size, "backend": backend,
                   "device": str(device), "load_in_4bit_active": use_4bit, "unsloth": use_unsloth,
-                  "transformers": transformers.__version__, "peft": peft.__version__}
+                  **{name: installed_version(name) for name in ("torch", "transformers", "peft")}}
         print(f"config: {json.dumps(config)}", flush=True)
         if cfg.load_in_4bit and not cuda:
             print(f"note: no CUDA: loading {cfg.model} in full precision (float32), not 4-bit",
                   flush=True)
 
+    # A missing local dataset or model fails here, before seconds of imports and minutes of
+    # model loading.
     texts = load_texts(cfg)
+    if looks_local(cfg.model) and not Path(cfg.model).expanduser().is_dir():
+        raise UserError(f"model {cfg.model}: no such directory")
+    if use_unsloth:
+        # unsloth patches transformers and peft on import, so it must come before them.
+        import unsloth  # noqa: F401
+    try:
+        import transformers
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+    except ImportError as e:
+        raise UserError(f"the training stack is missing ({e.name}): "
+                        f"pip install 'ugro[train]'") from None
+    # The bar for loading weights already in memory is noise, and every rank would print it.
+    transformers.utils.logging.disable_progress_bar()
+
     torch.manual_seed(SEED)
     model, tokenizer = load_model(cfg, device, use_4bit, use_unsloth)
     blocks = pack(tokenizer, texts, cfg.seq_len)

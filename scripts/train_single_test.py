@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -194,6 +195,9 @@ def main(argv=None):
         backend = "gloo"
     if world_size > 1:
         dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    # Every rank says it joined: the one line that shows a multi-node job is whole.
+    print(f"rank {rank}/{world_size} up on {socket.gethostname()} ({backend}, {device})",
+          flush=True)
 
     text = Path(args.dataset_path).read_text(encoding="utf-8")
     vocab = sorted(set(text))

@@ -24,8 +24,6 @@ STEP_LINE = re.compile(
 )
 SENTENCES = ["the cat sat on the mat.", "a dog ran to the park.", "we like to read good books.",
              "the sun is warm today."]
-# 115 blocks of 32 tokens: 57 micro-batches per rank, 29 optimizer steps an epoch at --grad-accum 2.
-STEPS_PER_EPOCH = 29
 SMALL = ["--seq-len", "32", "--lr", "1e-2", "--grad-accum", "2", "--warmup-steps", "2",
          "--logging-steps", "4"]
 
@@ -83,7 +81,7 @@ def tiny(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("tiny")
-    lines = [SENTENCES[i % len(SENTENCES)] for i in range(200)]
+    lines = [SENTENCES[i % len(SENTENCES)] for i in range(400)]
     (root / "data.txt").write_text("\n".join(lines) + "\n")
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -98,6 +96,9 @@ def tiny(tmp_path_factory):
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        # Wider than the default 0.02, so that the frozen random layers leave the adapter logits
+        # it can move, and the loss falls clearly within one short epoch.
+        initializer_range=0.2,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(root / "model")
@@ -113,6 +114,14 @@ def first_epoch(tiny, tmp_path_factory):
 
 
 # --- settings: in-process, no training stack needed beyond the import guard -----------------
+
+
+def steps_per_epoch(stdout):
+    return int(re.search(r"(\d+) optimizer steps per epoch", stdout)[1])
+
+
+def logged_steps(first, last, every=4):
+    return [s for s in range(first, last + 1) if s % every == 0 or s == last]
 
 
 def write_config(path, text):
@@ -155,7 +164,8 @@ def test_yaml_numbers_without_a_dot_are_read_as_floats(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("training:\n  model: m\n  dataset: d\n  lora:\n    rank: 4\n", "training.lora.rank: unknown key"),
+    ("training:\n  model: m\n  dataset: d\n  lora:\n    rank: 4\n",
+     "training.lora.rank: unknown key"),
     ("training:\n  model: m\n  dataset: d\n  epochs: two\n",
      "training.epochs: expected int, got 'two'"),
     ("launch: {}\n", "training: missing or not a mapping"),
@@ -203,6 +213,7 @@ def test_a_missing_model_is_one_clear_line(tiny, tmp_path):
     result = run_script("--model", str(tmp_path / "no-model"), "--dataset",
                         str(tiny / "data.txt"), "--output-dir", str(tmp_path))
     assert_one_error_line(result, f"model {tmp_path / 'no-model'}: no such directory")
+    assert "config: " in result.stdout
 
 
 def test_a_model_missing_from_an_offline_hub_names_the_hub(tiny, tmp_path):
@@ -234,11 +245,11 @@ def test_two_ranks_train_log_and_checkpoint(first_epoch):
     out, result = first_epoch
     assert result.returncode == 0, result.stderr
     records = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == [*range(4, STEPS_PER_EPOCH, 4), STEPS_PER_EPOCH]
+    assert [r["step"] for r in records] == logged_steps(1, steps_per_epoch(result.stdout))
     assert {r["epoch"] for r in records} == {1}
     losses = [r["loss"] for r in records]
     assert all(math.isfinite(loss) for loss in losses)
-    assert losses[-1] < losses[0] - 0.2, losses
+    assert losses[-1] < losses[0] - 1.0, losses
     assert all(r["samples_per_sec"] > 0 for r in records)
 
     lines = result.stdout.splitlines()
@@ -263,25 +274,27 @@ def test_two_ranks_train_log_and_checkpoint(first_epoch):
 def test_resume_continues_the_steps_in_the_next_epoch(first_epoch, tiny, tmp_path):
     out, result = first_epoch
     assert result.returncode == 0, result.stderr
+    first = steps_per_epoch(result.stdout)
     shutil.copytree(out, tmp_path, dirs_exist_ok=True)
     # Lines from a run that died after the checkpoint must not survive the resume.
     with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"step": 33, "epoch": 2, "loss": 9.0, "lr": 0.01, "samples_per_sec": 1.0, '
-                '"time": 1.0}\n{"step": 3')
+        f.write(json.dumps({"step": first + 2, "epoch": 2, "loss": 9.0, "lr": 0.01,
+                            "samples_per_sec": 1.0, "time": 1.0}) + '\n{"step": 3')
 
+    # --max-steps ends epoch 2 part way.
     resumed = torchrun("--model", str(tiny / "model"), "--dataset", str(tiny / "data.txt"),
-                       "--output-dir", str(tmp_path), "--epochs", "2", "--max-steps", "40",
-                       "--resume", *SMALL)
+                       "--output-dir", str(tmp_path), "--epochs", "2",
+                       "--max-steps", str(first + 11), "--resume", *SMALL)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resume: from {tmp_path / 'checkpoints' / 'epoch_1'}, at epoch 2 step 29" \
+    assert f"resume: from {tmp_path / 'checkpoints' / 'epoch_1'}, at epoch 2 step {first}" \
         in resumed.stdout
     records = read_metrics(tmp_path / "metrics.jsonl")
     before = read_metrics(out / "metrics.jsonl")
     assert records[: len(before)] == before
-    assert [r["step"] for r in records[len(before):]] == [32, 36, 40]
+    assert [r["step"] for r in records[len(before):]] == logged_steps(first + 1, first + 11)
     assert {r["epoch"] for r in records[len(before):]} == {2}
     # Continuing from the trained adapter, not from scratch.
-    assert records[-1]["loss"] < before[0]["loss"] - 0.2
+    assert records[-1]["loss"] < before[0]["loss"] - 1.0
     assert (tmp_path / "checkpoints" / "epoch_2" / "adapter_config.json").exists()
     assert resumed.stdout.splitlines()[-1] == \
         f"done: epochs=2 final_loss={records[-1]['loss']:.4f}"

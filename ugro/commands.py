@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from .config import ENV_KEY_RE as ENV_KEY
 from .config import Node
 
 PROBE_SOURCE = (Path(__file__).parent / "node_probe.py").read_text()
@@ -34,7 +35,7 @@ def join(argv: list[str]) -> str:
 
 
 def in_project(node: Node, command: str) -> str:
-    return f"cd {rpath(node.project_path)} && {command}"
+    return f"cd {rpath(node.project_path)} || exit 1; {command}"
 
 
 def probe(node: Node, deep: bool = False) -> str:
@@ -57,7 +58,7 @@ _ALIVE = r"""
 alive() {
   [ -n "$P" ] || return 1
   for f in /proc/[0-9]*/stat; do
-    read -r l < "$f" 2>/dev/null || continue
+    read -r l 2>/dev/null <"$f" || continue
     set -- ${l##*) }
     [ "$3" = "$P" ] && [ "$1" != Z ] && return 0
   done
@@ -68,7 +69,7 @@ alive() {
 # Processes tagged with this job's id (torchrun starts its workers in new
 # sessions, so the group alone does not reach them after a SIGKILL).
 _TAGGED = r"""
-tagged() { grep -lzx "UGRO_JOB_ID=$J" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; }
+tagged() { grep -lzxF "UGRO_JOB_ID=$J" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; }
 """
 
 
@@ -80,6 +81,9 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str]) -> 
     Output goes to `output.log` there, so a dropped SSH session loses nothing.
     """
     d = node_job_dir(node, job_id)
+    bad = [k for k in env if not ENV_KEY.match(k)]
+    if bad:
+        raise ValueError(f"not environment variable names: {bad}")
     exports = " ".join(f"{k}={q(v)}" for k, v in sorted({**env, "UGRO_JOB_ID": job_id}.items()))
     wrapper = (
         'echo $$ >"$0/pgid.tmp" && mv "$0/pgid.tmp" "$0/pgid"; '
@@ -191,4 +195,16 @@ def kill_all_jobs(node: Node, grace: float = 3.0) -> str:
         "  if any; then sig KILL; sleep 0.3; fi; "
         '  if any; then echo "$J still-alive"; else echo "$J stopped"; fi; '
         "done; true",
+    )
+
+
+def job_output(node: Node, job_id: str) -> str:
+    """Print the job's raw output on this node (torchrun's, with its `[rankN]:` prefixes)."""
+    return read_file(node, f"{node_job_dir(node, job_id)}/output.log")
+
+
+def node_job_dirs(node: Node) -> str:
+    """Print this node's own job directories, newest first; nothing when it has none."""
+    return in_project(
+        node, f"{{ ls -1dt data/experiments/*/nodes/{q(node.name)} 2>/dev/null || true; }}"
     )

@@ -130,7 +130,7 @@ class _Fields:
 
     def fail(self, key: str, why: str):
         where = f"{self.path}.{key}" if key and self.path else key or self.path
-        raise ConfigError(f"{self.source}: {where}: {why}")
+        raise ConfigError(f"{self.source}: {where}: {why}" if where else f"{self.source}: {why}")
 
     def get(self, key: str, kind: type | tuple, default: Any = ..., *, required=False):
         if key not in self.data or self.data[key] is None:
@@ -171,7 +171,7 @@ class _Fields:
 
 NODE_FIELDS = {
     "name", "ip", "host", "user", "ssh_port", "port", "identity_file", "project_path",
-    "python", "gpus", "cpu_procs", "rank", "local", "train", "env", "gpu_model",
+    "python", "gpus", "cpu_procs", "rank", "local", "env", "gpu_model",
 }
 
 

@@ -58,7 +58,7 @@ def parse_nvidia_smi(csv_text: str) -> list[Gpu]:
                 temperature_c=_number(cols[5]),
                 driver=None if cols[6].startswith("[") else cols[6],
             ))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ValueError(f"nvidia-smi line {lineno}: not a number in {line!r}") from None
     return gpus
 

@@ -141,7 +141,6 @@ def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[No
             "-m", "torch.distributed.run",
             "--nnodes", str(len(nodes)),
             "--nproc-per-node", str(procs[node.name]),
-            "--node-rank", str(node_rank),
             "--max-restarts", "0",
             "--tee", "3",
             "--log-dir", f"{d}/torchrun",
@@ -152,9 +151,13 @@ def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[No
                 "--rdzv-endpoint", f"{master.host}:{port}",
                 "--rdzv-id", job_id,
                 "--rdzv-conf", f"is_host={1 if node is master else 0}",
+                # The address the other nodes reach this one by; c10d also
+                # orders global ranks by it (it ignores --node-rank).
+                "--local-addr", node.host,
             ]
         else:
-            argv += ["--master-addr", master.host, "--master-port", str(port)]
+            argv += ["--node-rank", str(node_rank),
+                     "--master-addr", master.host, "--master-port", str(port)]
         argv += cfg.script_argv(output_dir)
         env = {
             **node.env,
@@ -416,7 +419,7 @@ class NodeLog:
             self.buffer = ""
             self.file.close()
 
-    def tail(self, n: int = 20) -> list[str]:
+    def tail(self, n: int = 50) -> list[str]:
         return Path(self.file.name).read_text(errors="replace").splitlines()[-n:]
 
 
@@ -480,13 +483,18 @@ class Monitor:
             stop(killer, others, self.job_id, self.grace)
 
     def _fetch_outputs(self, session: Session):
-        """Bring rank 0's metrics home from whichever node ran it."""
+        """Bring rank 0's metrics home, and note which node holds which checkpoints."""
+        job_dir = f"data/experiments/{self.job_id}"
+        listing = session.run_all(
+            self.nodes, lambda n: commands.in_project(n, f"ls -1 {job_dir}/checkpoints"))
+        found = {name: a.stdout.split() for name, a in listing.items() if a.ok}
+        self.jobs.update(self.job_id, lambda m: [
+            m["nodes"][name].update(checkpoints=files) for name, files in found.items()])
         target = self.jobs.dir(self.job_id) / "metrics.jsonl"
-        rel = f"data/experiments/{self.job_id}/metrics.jsonl"
-        remote = [n for n in self.nodes if not n.local]
-        if not remote or (target.exists() and target.stat().st_size):
-            return
-        answers = session.run_all(remote, lambda n: commands.read_file(n, rel))
+        if target.exists() and target.stat().st_size:
+            return  # a local rank 0 wrote it in place
+        answers = session.run_all(self.nodes,
+                                  lambda n: commands.read_file(n, f"{job_dir}/metrics.jsonl"))
         for a in answers.values():
             if a.ok and a.stdout.strip():
                 store.write_text(target, a.stdout)

@@ -1,14 +1,177 @@
-"""Reading a job's logs on the control node: all nodes, whole lines, live."""
+"""A job's logs: every node's output, each line prefixed with node and rank, whole lines, live.
+
+The control node keeps a copy per node, `logs/<node>.log` in the job directory, written by the
+supervisor's `NodeLog` (`lab0 r0 | text` for a rank's line, `lab0    | text` for torchrun's own).
+The raw output stays on each node (`data/experiments/<job>/nodes/<node>/output.log`, with
+torchrun's `[rankN]:` prefixes); `fetch` brings it home through the same `NodeLog` when the
+copy is missing or stale.
+"""
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
+import re
 import sys
+import tempfile
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from .jobs import ACTIVE, Jobs
+from . import commands
+from .cluster import Session
+from .config import Cluster
+from .errors import UgroError
+from .jobs import ACTIVE, NAME_RE, TERMINAL, Jobs, job_name, now
+from .launch import NodeLog
+
+LINE_RE = re.compile(r"^(?P<node>\S+) +(?:r(?P<rank>\d+) +)?\| ?(?P<text>.*)$")
 
 
+@dataclass(frozen=True)
+class LogLine:
+    node: str
+    rank: int | None  # the global rank; None for torchrun's own lines
+    text: str
+    raw: str  # the line as NodeLog wrote it
+
+    def as_dict(self) -> dict:
+        return {"node": self.node, "rank": self.rank, "text": self.text}
+
+
+def parse_line(raw: str, node: str) -> LogLine:
+    """One control-node log line; a line in no known shape counts as the node's own."""
+    m = LINE_RE.match(raw)
+    if not m:
+        return LogLine(node, None, raw, raw)
+    rank = m.group("rank")
+    return LogLine(m.group("node"), int(rank) if rank else None, m.group("text"), raw)
+
+
+def select(lines: Iterable[LogLine], rank: int | None = None,
+           tail: int | None = None) -> list[LogLine]:
+    """The lines of one rank (all when None), the last `tail` of them (all when None)."""
+    kept = [x for x in lines if rank is None or x.rank == rank]
+    return kept[len(kept) - tail:] if tail is not None and tail < len(kept) else kept
+
+
+def render(line: LogLine, as_json: bool) -> str:
+    return json.dumps(line.as_dict()) if as_json else line.raw
+
+
+def read(logs_dir: Path, nodes: Iterable[str]) -> dict[str, list[LogLine]]:
+    """Each node's lines from the control node's copy (none for a missing file)."""
+    out = {}
+    for node in nodes:
+        try:
+            text = (logs_dir / f"{node}.log").read_text(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        out[node] = [parse_line(raw, node) for raw in text.splitlines()]
+    return out
+
+
+def format_output(text: str, node: str) -> list[str]:
+    """A node's raw output as the supervisor would have logged it (through NodeLog)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{node}.log"
+        sink = NodeLog(path, node)
+        sink.write(text)
+        sink.close()
+        return path.read_text(errors="replace").splitlines()
+
+
+# -- fetching from the nodes ---------------------------------------------------
+def stale(meta: dict, logs_dir: Path, nodes: Iterable[str]) -> list[str]:
+    """Nodes of an ended job whose control-node copy is missing, empty, or possibly cut short.
+
+    A node that ended without a recorded exit code (killed, or its stream lost) may have said
+    more than the supervisor saw; its log is fetched once (`log_fetched_at` records that).
+    While a job runs its supervisor writes the copies, so none is stale.
+    """
+    if meta.get("status") not in TERMINAL:
+        return []
+    out = []
+    for node in nodes:
+        path = logs_dir / f"{node}.log"
+        facts = (meta.get("nodes") or {}).get(node) or {}
+        missing = not path.is_file() or path.stat().st_size == 0
+        cut = facts.get("exit_code") is None and not facts.get("log_fetched_at")
+        if missing or cut:
+            out.append(node)
+    return out
+
+
+def fetch(jobs: Jobs, cluster: Cluster, job_id: str, nodes: list[str]) -> dict[str, str]:
+    """Rewrite these nodes' control-node logs from their raw output; node -> why it failed."""
+    logs_dir = jobs.dir(job_id) / "logs"
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    problems: dict[str, str] = {}
+    targets = []
+    for name in nodes:
+        try:
+            targets.append(cluster.node(name))
+        except UgroError as exc:
+            problems[name] = str(exc)
+    with Session(cluster) as session:
+        answers = session.run_all(targets, lambda n: commands.job_output(n, job_id))
+    fetched = []
+    for name, a in answers.items():
+        if not a.ok:
+            problems[name] = a.error or a.stderr.strip() or f"exit code {a.exited}"
+            continue
+        # NodeLog writes as it goes: a temp file renamed over the copy keeps readers whole.
+        fd, tmp = tempfile.mkstemp(dir=logs_dir, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        sink = NodeLog(Path(tmp), name)
+        sink.write(a.stdout)
+        sink.close()
+        os.replace(tmp, logs_dir / f"{name}.log")
+        fetched.append(name)
+    if fetched:
+        stamp = now()
+
+        def mark(meta):
+            for name in fetched:
+                meta.setdefault("nodes", {}).setdefault(name, {})["log_fetched_at"] = stamp
+
+        jobs.update(job_id, mark)
+    return problems
+
+
+# -- a node's own job directories (`fab -H node logs`) --------------------------
+def host_jobs(listing: str) -> list[str]:
+    """Job ids from `commands.node_job_dirs` output, in its order (newest first)."""
+    ids = []
+    for line in listing.splitlines():
+        parts = line.strip().split("/")
+        if len(parts) == 5 and parts[:2] == ["data", "experiments"] and parts[3] == "nodes":
+            if NAME_RE.match(parts[2]) and parts[2] not in ids:
+                ids.append(parts[2])
+    return ids
+
+
+def pick_host_job(ids: list[str], wanted: str | None, node: str) -> str:
+    """The job id meant on a node: the exact id, else the newest with that name or at all."""
+    if not ids:
+        raise UgroError(f"{node}: no job has run here (no data/experiments/*/nodes/{node})")
+    if wanted is None:
+        return ids[0]
+    if wanted in ids:
+        return wanted
+    named = [j for j in ids if job_name(j) == wanted]
+    if named:
+        return named[0]
+    names = sorted({job_name(j) for j in ids})
+    close = difflib.get_close_matches(wanted, names + ids, n=5, cutoff=0.5)
+    hint = ", ".join(close) if close else ", ".join(names[:10])
+    raise UgroError(f"{node}: no job named {wanted!r} here; "
+                    f"{'did you mean' if close else 'jobs here'}: {hint}")
+
+
+# -- following -----------------------------------------------------------------
 class _Reader:
     """Yields whole new lines of one growing file; a partial last line waits."""
 
@@ -28,17 +191,25 @@ class _Reader:
 
 
 def follow(jobs: Jobs, job_id: str, out=sys.stdout, nodes: list[str] | None = None,
-           poll: float = 0.1) -> None:
-    """Print every node's log lines as they arrive, until the job has ended."""
+           poll: float = 0.1, rank: int | None = None, tail: int | None = None,
+           as_json: bool = False) -> None:
+    """Print every node's log lines as they arrive, until the job has ended.
+
+    `rank` keeps one rank's lines; `tail` starts each node at its last N lines so far.
+    """
     logs = jobs.dir(job_id) / "logs"
     names = nodes or list(jobs.metadata(job_id)["nodes"])
-    readers = [_Reader(logs / f"{n}.log") for n in names]
+    readers = {n: _Reader(logs / f"{n}.log") for n in names}
+    first = True
     while True:
         active = jobs.metadata(job_id)["status"] in ACTIVE
-        for r in readers:
-            for line in r.lines():
-                out.write(line + "\n")
+        for node, r in readers.items():
+            lines = select((parse_line(raw, node) for raw in r.lines()), rank,
+                           tail if first else None)
+            for line in lines:
+                out.write(render(line, as_json) + "\n")
         out.flush()
         if not active:
             return
+        first = False
         time.sleep(poll)

@@ -1,0 +1,310 @@
+"""Remote command lines: exact strings, quoting of hostile values, and the job scripts run for real.
+
+The job scripts are POSIX sh over /proc, so they run here under /bin/sh exactly as a
+node's shell would run them; no SSH is involved.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ugro import commands
+from ugro.commands import (
+    EXIT_MARKER,
+    job_state,
+    kill_all_jobs,
+    kill_job,
+    listening_ports,
+    node_job_dir,
+    probe,
+    rpath,
+    start_job,
+    watch_job,
+)
+from ugro.config import Node, PythonEnv
+from ugro.health import parse_probe
+
+PIXI = PythonEnv(strategy="pixi", pixi_env="default")
+HOSTILE_PATH = "/tmp/x; touch /tmp/pwned"
+HOSTILE_ENV = {
+    "A": "$(touch /tmp/pwned)",
+    "B": '"double" `id` $HOME',
+    "C": "it's; rm -rf ~",
+}
+
+
+def node(project_path: str, **kw) -> Node:
+    return Node(name="gpu1", host="192.168.1.101", user="ob", project_path=project_path, **kw)
+
+
+def sh(command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, timeout=30)
+
+
+def single_quoted(command: str) -> set[int]:
+    """Indices of the characters a POSIX shell reads inside single quotes."""
+    inside, quote, escaped = set(), None, False
+    for i, ch in enumerate(command):
+        if escaped:
+            escaped = False
+        elif quote == "'":
+            if ch == "'":
+                quote = None
+            else:
+                inside.add(i)
+        elif ch == "\\":
+            escaped = True
+        elif quote == '"':
+            if ch == '"':
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+    return inside
+
+
+def assert_only_single_quoted(command: str, value: str):
+    inside = single_quoted(command)
+    start, found = command.find(value), 0
+    while start != -1:
+        found += 1
+        assert set(range(start, start + len(value))) <= inside, (value, command)
+        start = command.find(value, start + 1)
+    assert found, f"{value!r} not in {command!r}"
+
+
+@pytest.mark.parametrize("path,quoted", [
+    ("~", '"$HOME"'),
+    ("~/projects/UGRO", '"$HOME"/projects/UGRO'),
+    ("~/my projects/UGRO", "\"$HOME\"/'my projects/UGRO'"),
+    ("~/$(id)", "\"$HOME\"/'$(id)'"),
+    ("/home/ob/projects/UGRO", "/home/ob/projects/UGRO"),
+    ("projects/UGRO", "projects/UGRO"),
+    ("/srv/my projects", "'/srv/my projects'"),
+    (HOSTILE_PATH, "'/tmp/x; touch /tmp/pwned'"),
+    ("/tmp/it's", "'/tmp/it'\"'\"'s'"),
+    ("$HOME/x", "'$HOME/x'"),
+    ("~bob/x", "'~bob/x'"),  # only the node user's own home is expanded
+    ("", "''"),
+])
+def test_rpath(path, quoted):
+    assert rpath(path) == quoted
+
+
+def test_rpath_means_the_nodes_home():
+    out = sh(f"HOME=/nodehome; printf '%s\\n' {rpath('~/my projects/$(id)')} {rpath('~')}")
+    assert out.stdout == "/nodehome/my projects/$(id)\n/nodehome\n"
+
+
+def test_probe_with_home_relative_path():
+    src = shlex.quote(commands.PROBE_SOURCE)
+    n = node("~/projects/UGRO", python=PIXI)
+    assert probe(n) == (
+        '{ cd "$HOME"/projects/UGRO 2>/dev/null || cd; } && '
+        f'pixi run --frozen -e default python -c {src} "$HOME"/projects/UGRO'
+    )
+    assert probe(n, deep=True) == probe(n) + " --deep"
+
+
+def test_probe_with_absolute_paths():
+    src = shlex.quote(commands.PROBE_SOURCE)
+    assert probe(node("/home/ob/projects/UGRO")) == (
+        "{ cd /home/ob/projects/UGRO 2>/dev/null || cd; } && "
+        f"python3 -c {src} /home/ob/projects/UGRO"
+    )
+    venv = PythonEnv(strategy="venv", venv=".venv")
+    assert probe(node("/srv/my projects", python=venv)) == (
+        "{ cd '/srv/my projects' 2>/dev/null || cd; } && "
+        f".venv/bin/python -c {src} '/srv/my projects'"
+    )
+    hostile = probe(node(HOSTILE_PATH))
+    assert hostile == (
+        "{ cd '/tmp/x; touch /tmp/pwned' 2>/dev/null || cd; } && "
+        f"python3 -c {src} '/tmp/x; touch /tmp/pwned'"
+    )
+    assert_only_single_quoted(hostile, HOSTILE_PATH)
+
+
+def test_probe_runs_and_reports(tmp_path):
+    n = Node(name="n", host="127.0.0.1", user="u", local=True, project_path=str(tmp_path),
+             python=PythonEnv(command=sys.executable))
+    out = sh(probe(n))
+    assert out.returncode == 0, out.stderr
+    report = parse_probe(out.stdout)
+    assert report["project_exists"] is True
+    assert report["disk"]["path"] == str(tmp_path)
+
+
+def test_node_job_dir():
+    assert node_job_dir(node("~/p"), "20260101-120000-lora") == (
+        "data/experiments/20260101-120000-lora/nodes/gpu1"
+    )
+
+
+def test_listening_ports_exact():
+    assert listening_ports(node(".")) == (
+        "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | "
+        "awk '$4 == \"0A\" { split($2, a, \":\"); print a[2] }' | sort -u"
+    )
+
+
+def test_listening_ports_sees_a_listener():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = sh(listening_ports(node(".")))
+        assert out.returncode == 0, out.stderr
+        assert f"{port:04X}" in out.stdout.split()
+        assert all(len(p) == 4 and int(p, 16) > 0 for p in out.stdout.split())
+    assert f"{port:04X}" not in sh(listening_ports(node("."))).stdout.split()
+
+
+def test_job_commands_quote_hostile_values():
+    n = node(HOSTILE_PATH)
+    argv = ["python", "train.py", "--name", "$(reboot)"]
+    scripts = [
+        start_job(n, "j1", argv, HOSTILE_ENV),
+        watch_job(n, "j1"),
+        kill_job(n, "j1"),
+        job_state(n, "j1"),
+    ]
+    for script in scripts:
+        assert script.startswith("cd '/tmp/x; touch /tmp/pwned' || exit 1; D=")
+        assert_only_single_quoted(script, HOSTILE_PATH)
+    start = scripts[0]
+    assert_only_single_quoted(start, "$(touch /tmp/pwned)")
+    assert_only_single_quoted(start, "$(reboot)")
+    assert "A='$(touch /tmp/pwned)'" in start
+    assert f"B={shlex.quote(HOSTILE_ENV['B'])}" in start
+    assert f"C={shlex.quote(HOSTILE_ENV['C'])}" in start
+    assert "UGRO_JOB_ID=j1" in start
+
+
+def test_job_ids_are_quoted():
+    n = node("/p")
+    job = "j; touch /tmp/pwned"
+    for script in (start_job(n, job, ["true"], {}), watch_job(n, job), kill_job(n, job),
+                   job_state(n, job)):
+        assert_only_single_quoted(script, job)
+
+
+# The scripts for real, under /bin/sh.
+
+
+@pytest.fixture
+def local(tmp_path):
+    return Node(name="n", host="127.0.0.1", user="u", local=True, project_path=str(tmp_path))
+
+
+@pytest.fixture
+def job_id():
+    # Unique: job_state and kill_job find processes by this id across the whole machine.
+    return f"test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def reap():
+    """Kill whatever process groups a test started, even when it fails."""
+    groups: list[int] = []
+    yield groups
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in a process group, read from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[2] == str(pgid) and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def start(node: Node, job_id: str, argv: list[str], reap: list[int], env=None) -> int:
+    out = sh(start_job(node, job_id, argv, env or {}))
+    assert out.returncode == 0, out.stderr
+    pgid = int(out.stdout.strip())
+    reap.append(pgid)
+    return pgid
+
+
+def test_start_state_kill(local, job_id, reap):
+    pgid = start(local, job_id, ["sh", "-c", "echo hi; sleep 30"], reap)
+    assert group_members(pgid)
+    assert sh(job_state(local, job_id)).stdout == f"pgid={pgid} exit= alive=1\n"
+
+    again = sh(start_job(local, job_id, ["sh", "-c", "echo hi; sleep 30"], {}))
+    assert again.returncode == 17
+    assert again.stderr == "job already started here\n"
+
+    stopped = sh(kill_job(local, job_id, grace=2))
+    assert stopped.stdout == "stopped\n"
+    assert sh(job_state(local, job_id)).stdout == f"pgid={pgid} exit= alive=0\n"
+    assert group_members(pgid) == []
+
+    d = Path(local.project_path) / node_job_dir(local, job_id)
+    assert (d / "output.log").read_text() == "hi\n"
+    assert not (d / "exit_code").exists()
+    assert sh(watch_job(local, job_id, poll=0.05)).stdout.endswith(f"\n{EXIT_MARKER} killed\n")
+
+
+def test_watch_streams_output_and_exit_code(local, job_id, reap):
+    pgid = start(local, job_id, ["sh", "-c", "echo out; exit 3"], reap)
+    out = sh(watch_job(local, job_id, poll=0.05))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("out\n")
+    assert out.stdout.endswith(f"\n{EXIT_MARKER} 3\n")
+    # Not splitlines(): Python counts \x1e itself as a line boundary.
+    assert out.stdout.split("\n")[-2] == "\x1eUGRO_EXIT 3"
+    assert sh(job_state(local, job_id)).stdout == f"pgid={pgid} exit=3 alive=0\n"
+
+
+def test_watch_never_started(local, job_id):
+    out = sh(watch_job(local, job_id))
+    assert (out.returncode, out.stdout) == (0, "\x1eUGRO_EXIT missing\n")
+
+
+def test_hostile_values_reach_the_job_verbatim(tmp_path, job_id, reap):
+    project = tmp_path / f"x; touch {tmp_path}/pwned"
+    project.mkdir(parents=True)
+    n = Node(name="n", host="127.0.0.1", user="u", local=True, project_path=str(project))
+    env = {**HOSTILE_ENV, "A": f"$(touch {tmp_path}/pwned)"}
+    argv = ["sh", "-c", 'printf "%s|%s|%s|%s\\n" "$A" "$B" "$C" "$1"', "sh", "`touch pwned2`"]
+    pgid = start(n, job_id, argv, reap, env)
+    assert sh(watch_job(n, job_id, poll=0.05)).stdout.endswith(f"{EXIT_MARKER} 0\n")
+    log = (project / node_job_dir(n, job_id) / "output.log").read_text()
+    assert log == f"{env['A']}|{env['B']}|{env['C']}|`touch pwned2`\n"
+    assert not (tmp_path / "pwned").exists()
+    assert not (project / "pwned2").exists()
+    assert group_members(pgid) == []
+
+
+def test_kill_all_jobs_stops_only_running_jobs(local, reap):
+    running, finished = f"test-{uuid.uuid4().hex}", f"test-{uuid.uuid4().hex}"
+    start(local, finished, ["true"], reap)
+    exit_code = Path(local.project_path) / node_job_dir(local, finished) / "exit_code"
+    deadline = time.monotonic() + 30
+    while not exit_code.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert exit_code.read_text() == "0\n"
+    pgid = start(local, running, ["sh", "-c", "sleep 30"], reap)
+    assert sh(kill_all_jobs(local, grace=2)).stdout == f"{running} stopped\n"
+    assert group_members(pgid) == []
+    assert sh(kill_all_jobs(local, grace=2)).stdout == ""

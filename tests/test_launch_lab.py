@@ -1,0 +1,219 @@
+"""`inv launch` for real: torchrun with gloo over three sshd lab nodes, and the local cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+FAST = "--steps-per-epoch 6 --log-every 2"
+
+
+def tagged_pids(job_id: str) -> list[int]:
+    """Processes on this machine (every lab node lives here) tagged with the job id."""
+    tag = f"UGRO_JOB_ID={job_id}".encode()
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                env = (d / "environ").read_bytes().split(b"\0")
+                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if tag in env and state != "Z":
+                pids.append(int(d.name))
+    return pids
+
+
+def wait_for(predicate, timeout=60.0, every=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture(scope="module")
+def lab_project(lab):
+    """Each node's project holds the training scripts (what `inv sync` would copy)."""
+    for node in lab.nodes:
+        shutil.copytree(ROOT / "scripts", node.project / "scripts", dirs_exist_ok=True)
+    return lab
+
+
+@pytest.fixture
+def cluster(lab_project, tmp_path):
+    return lab_project.cluster_file(tmp_path / "lab.yaml")
+
+
+def only_job(data: Path) -> tuple[str, dict]:
+    (job,) = [p for p in (data / "experiments").iterdir()]
+    return job.name, json.loads((job / "metadata.json").read_text())
+
+
+def test_three_node_launch_completes(inv, cluster, lab):
+    r = inv("launch", "--name", "exp1", "--epochs", "2", "--nproc-per-node", "1",
+            "--script-args", FAST, cluster=cluster, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id, meta = only_job(inv.data)
+    assert meta["status"] == "COMPLETED"
+    assert meta["world_size"] == 3
+    assert {n: v["exit_code"] for n, v in meta["nodes"].items()} == {
+        "lab0": 0, "lab1": 0, "lab2": 0}
+    job = inv.data / "experiments" / job_id
+    config = json.loads((job / "config.json").read_text())
+    argv = config["nodes"]["lab1"]["argv"]
+    assert argv[argv.index("--local-addr") + 1] == "127.0.0.3"
+    assert config["nodes"]["lab1"]["node_rank"] == 1
+    assert argv[argv.index("--rdzv-endpoint") + 1].startswith("127.0.0.2:")
+    assert argv[argv.index("--rdzv-id") + 1] == job_id
+    assert set(config["versions"]) == {"lab0", "lab1", "lab2"}
+    # Every node's log came home, each line prefixed with its node (and rank).
+    ranks = set()
+    for node in ("lab0", "lab1", "lab2"):
+        lines = (job / "logs" / f"{node}.log").read_text().splitlines()
+        assert lines and all(line.startswith(node) for line in lines)
+        ranks |= {line.split()[1] for line in lines if " up on " in line}
+    assert ranks == {"r0", "r1", "r2"}  # every rank joined and said so
+    assert "lab0 r0 | step 2" in (job / "logs" / "lab0.log").read_text()
+    # The terminal saw the same prefixed lines live.
+    assert "r0 | step 2 | epoch 1" in r.stdout
+    metrics = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["epoch"] == 2 and metrics[-1]["loss"] < metrics[0]["loss"]
+    rank0_node = [n for n in lab.nodes
+                  if (n.project / "data/experiments" / job_id / "checkpoints/epoch_2.pt").exists()]
+    assert len(rank0_node) == 1
+    history = [json.loads(x) for x in (inv.data / "job_history.jsonl").read_text().splitlines()]
+    assert history[-1]["job_id"] == job_id and history[-1]["status"] == "COMPLETED"
+    assert tagged_pids(job_id) == []
+
+
+def test_crashing_rank_fails_the_job_fast_everywhere(inv, cluster):
+    r = inv("launch", "--name", "crash", "--epochs", "1", "--nproc-per-node", "1",
+            "--script-args", "--steps-per-epoch 200 --sleep-per-step 0.2 "
+            "--crash-at-step 4 --crash-rank 1", cluster=cluster, timeout=240)
+    assert r.returncode == 1
+    job_id, meta = only_job(inv.data)
+    assert meta["status"] == "FAILED"
+    failure = meta["failure"]
+    assert failure["rank"] == 1 and failure["exit_code"] != 0
+    assert failure["node"] in ("lab0", "lab1", "lab2")
+    assert "failed first" in meta["error"]
+    assert any("crash-at-step" in line for line in failure["log_tail"])
+    # FAILED within 10 s of the crash; the other nodes were stopped, not waited for.
+    crash_log = inv.data / "experiments" / job_id / "logs" / f"{failure['node']}.log"
+    assert crash_log.exists()
+    from datetime import datetime
+    ended = datetime.fromisoformat(meta["ended_at"])
+    started = datetime.fromisoformat(meta["started_at"])
+    assert (ended - started).total_seconds() < 60  # 200 steps would take 40 s + start-up
+    assert tagged_pids(job_id) == []
+
+
+def test_cancel_stops_everything(inv, cluster):
+    inv("launch", "--name", "long", "--nproc-per-node", "1", "--detach", "--script-args",
+        "--steps-per-epoch 1000 --sleep-per-step 0.2", cluster=cluster, check=0)
+    job_id, meta = only_job(inv.data)
+    assert meta["status"] == "RUNNING"
+    log = inv.data / "experiments" / job_id / "logs"
+    wait_for(lambda: "| step" in "".join(p.read_text() for p in log.glob("*.log")), 120)
+    # A second launch on the same nodes is refused, naming the job that holds them.
+    r = inv("launch", "--name", "second", "--nodes", "lab1", "--nproc-per-node", "1",
+            cluster=cluster, check=1)
+    assert f"busy with job {job_id}" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = inv("cancel", "long", cluster=cluster, check=0)
+    assert "CANCELLED" in r.stdout
+    assert json.loads((inv.data / "experiments" / job_id / "metadata.json").read_text())[
+        "status"] == "CANCELLED"
+    assert tagged_pids(job_id) == []
+    time.sleep(1.0)  # the supervisor must not overwrite CANCELLED when it notices
+    _, meta = only_job(inv.data)
+    assert meta["status"] == "CANCELLED"
+
+
+def test_ctrl_c_cancels_on_every_node(inv, cluster, tmp_path):
+    env = dict(os.environ, INVOKE_UGRO_CLUSTER=str(cluster),
+               INVOKE_UGRO_DATA_DIR=str(inv.data), INVOKE_UGRO_LOG_DIR=str(tmp_path / "logs"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "launch", "--name", "ctrlc", "--nproc-per-node", "1",
+         "--script-args", "--steps-per-epoch 1000 --sleep-per-step 0.2"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "| step" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    job_id, meta = only_job(inv.data)
+    assert meta["status"] == "CANCELLED", out
+    assert tagged_pids(job_id) == []
+
+
+def test_bad_names_are_refused_before_anything_runs(inv, cluster):
+    for name in ("x; touch /tmp/pwned", "../etc", "", "a" * 65):
+        r = inv("launch", "--name", name, cluster=cluster, check=1)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (inv.data / "experiments").exists()
+    assert not Path("/tmp/pwned").exists()
+
+
+def test_unreachable_node_fails_preflight(inv, cluster, lab):
+    lab.stop_node(lab.nodes[2])
+    try:
+        r = inv("launch", "--name", "pre", "--nproc-per-node", "1", cluster=cluster, check=1)
+    finally:
+        lab.start_node(lab.nodes[2])
+    assert "lab2 unhealthy" in r.stderr and "connection refused" in r.stderr
+    assert not (inv.data / "experiments").exists()
+
+
+def test_killed_supervisor_is_reconciled_from_the_nodes(inv, cluster, lab):
+    from ugro.config import load_cluster
+    from ugro.jobs import Jobs
+    from ugro.launch import reconcile
+
+    inv("launch", "--name", "orphan", "--nproc-per-node", "1", "--detach", "--script-args",
+        "--steps-per-epoch 4", cluster=cluster, check=0)
+    job_id, meta = only_job(inv.data)
+    os.kill(meta["supervisor_pid"], signal.SIGKILL)
+    wait_for(lambda: tagged_pids(job_id) == [], 120)  # the job runs on without UGRO
+    _, meta = only_job(inv.data)
+    assert meta["status"] == "RUNNING"  # nobody has looked yet
+    meta = reconcile(Jobs(inv.data), load_cluster(cluster), job_id)
+    assert meta["status"] == "COMPLETED"
+    assert all(v["exit_code"] == 0 for v in meta["nodes"].values())
+    logs = inv.data / "experiments" / job_id / "logs"
+    assert "lab0 r0 | step" in (logs / "lab0.log").read_text()
+    assert "lab1 r1 | rank 1/3 up" in (logs / "lab1.log").read_text()
+
+
+def test_local_cluster_quick_start(inv):
+    """The README's first command, on the shipped config/cluster.yaml (2 CPU ranks, no SSH)."""
+    r = inv("launch", "--name", "demo", "--epochs", "2", "--script-args", FAST,
+            timeout=240, env={"INVOKE_UGRO_CLUSTER": "config/cluster.yaml"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id, meta = only_job(inv.data)
+    assert meta["status"] == "COMPLETED" and meta["world_size"] == 2
+    metrics = [json.loads(x) for x in
+               (inv.data / "experiments" / job_id / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert "local r1 |" in (inv.data / "experiments" / job_id / "logs/local.log").read_text() \
+        or "local r0 |" in r.stdout
