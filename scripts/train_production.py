@@ -305,7 +305,7 @@ def load_texts(cfg):
     if "text" not in ds.column_names:
         raise UserError(f"dataset {name} has no `text` column (it has: "
                         f"{', '.join(ds.column_names)})")
-    return ds["text"]
+    return list(ds["text"])
 
 
 def pack(tokenizer, texts, seq_len):
@@ -356,24 +356,30 @@ def load_model(cfg, device, use_4bit, use_unsloth):
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except OSError as e:
         raise model_not_found(cfg.model, e) from None
-    if device.type != "cuda" and getattr(model_config, "quantization_config", None):
+    # A checkpoint stored 4-bit (unsloth/*-bnb-4bit) loads 4-bit whatever load_in_4bit says.
+    prequantized = getattr(model_config, "quantization_config", None) is not None
+    if prequantized and device.type != "cuda":
         raise UserError(f"model {cfg.model} is stored quantized and cannot be trained in float32 "
                         f"on a CPU: use its unquantized original")
     # A weightless copy finds a misspelt target module before gigabytes of weights download.
     with torch.device("meta"):
         check_target_modules(AutoModelForCausalLM.from_config(model_config), cfg)
     kwargs = {"dtype": compute_dtype}
-    if use_4bit:
+    if use_4bit and not prequantized:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         )
+    if use_4bit or prequantized:
         kwargs["device_map"] = {"": device.index}
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
     except OSError as e:
         raise model_not_found(cfg.model, e) from None
-    if use_4bit:
+    except ImportError as e:
+        raise UserError(f"model {cfg.model} needs a package that is missing: {first_line(e)}") \
+            from None
+    if use_4bit or prequantized:
         model = prepare_model_for_kbit_training(
             model, gradient_checkpointing_kwargs={"use_reentrant": False}
         )

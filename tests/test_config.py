@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def test_shipped_local_cluster():
         source=ROOT / "config" / "cluster.yaml",
         nodes=(
             Node(name="local", host="127.0.0.1", user="tester", project_path=str(ROOT),
-                 python=PythonEnv(command="python3"), gpus=0, cpu_procs=2, rank=0, local=True),
+                 python=PythonEnv(command=sys.executable), gpus=0, cpu_procs=2, rank=0, local=True),
         ),
         master=c.nodes[0],
         master_port=29500,
@@ -62,7 +63,7 @@ def test_shipped_local_cluster():
         health_timeout=5.0,
     )
     assert c.master.procs == 2
-    assert c.master.python.argv() == ["python3"]
+    assert c.master.python.argv() == [sys.executable]
 
 
 def test_homelab_example_is_the_reference_cluster(home):

@@ -100,6 +100,7 @@ def test_unknown_host_key_refused_then_trusted(lab, inv, tmp_path):
 def test_fab_host_task_reaches_node_as_configured(lab, tmp_path):
     import os
     import subprocess
+    import sys
 
     from conftest import ROOT
 
@@ -107,8 +108,9 @@ def test_fab_host_task_reaches_node_as_configured(lab, tmp_path):
     env = dict(os.environ, FABRIC_UGRO_CLUSTER=str(cluster),
                FABRIC_UGRO_DATA_DIR=str(tmp_path / "data"),
                FABRIC_UGRO_LOG_DIR=str(tmp_path / "logs"))
-    r = subprocess.run(["fab", "-H", "lab1", "health", "--json"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=60)
+    # `python -m fabric` is `fab`, from this interpreter's environment.
+    r = subprocess.run([sys.executable, "-m", "fabric", "-H", "lab1", "health", "--json"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     (report,) = json.loads(r.stdout)["nodes"]
     assert report["node"] == "lab1"

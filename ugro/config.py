@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -175,10 +176,11 @@ NODE_FIELDS = {
 }
 
 
-def _python_env(f: _Fields, key: str) -> PythonEnv:
+def _python_env(f: _Fields, key: str, local: bool) -> PythonEnv:
     raw = f.data.get(key)
     if raw is None:
-        return PythonEnv()
+        # The control node trains, by default, in the environment UGRO runs in.
+        return PythonEnv(command=sys.executable) if local else PythonEnv()
     if isinstance(raw, str):
         return PythonEnv(command=_expand(raw))
     sub = _Fields(f.source, f"{f.path}.{key}", raw)
@@ -223,7 +225,7 @@ def _node(source: Path, path: str, data: Any, default_rank: int) -> Node:
         port=port,
         identity_file=os.path.expanduser(identity) if identity else None,
         project_path=_expand_path(f.string("project_path", "."), local),
-        python=_python_env(f, "python"),
+        python=_python_env(f, "python", local),
         gpus=f.count("gpus", 0),
         cpu_procs=f.count("cpu_procs", 1, minimum=1),
         rank=f.count("rank", default_rank),

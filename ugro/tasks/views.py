@@ -1,5 +1,243 @@
-"""placeholder"""
+"""Seeing jobs: logs, results, status, jobs, compare."""
 
-from invoke import Collection
+from __future__ import annotations
 
-ns = Collection()
+import sys
+
+from invoke import Collection, task
+
+from .. import commands, health, launch, views
+from .. import logs as logs_mod
+from ..cluster import Session
+from ..errors import UgroError
+from ..jobs import ACTIVE, Jobs, job_name
+from .common import (
+    cli,
+    cluster_of,
+    host_node,
+    is_connection,
+    print_json,
+    project_path,
+)
+from .jobs import jobs_of
+
+# Invoke has no optional positional arguments: `inv logs exp1` needs JOB positional, while
+# `fab -H gpu1 logs` (the latest job on that host) must parse without one, so under fab the
+# job is given as `--job`.
+UNDER_FAB = "fabric.main" in sys.modules
+
+
+def note(text: str) -> None:
+    print(f"ugro: {text}", file=sys.stderr, flush=True)
+
+
+def count(option: str, value) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if number < 0:
+        raise UgroError(f"--{option}: expected a whole number >= 0, got {value!r}")
+    return number
+
+
+def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
+    """`launch.reconcile` each active job among these (one whose supervisor died is brought in
+    line with its nodes); returns a note for each that could not be."""
+    notes = []
+    for job_id in job_ids:
+        meta, _ = views.read_object(jobs.dir(job_id) / "metadata.json")
+        if meta.get("status") not in ACTIVE:
+            continue
+        try:
+            cluster = cluster or cluster_of(c)
+            launch.reconcile(jobs, cluster, job_id)
+        except UgroError as exc:
+            notes.append(f"{job_id}: not reconciled: {exc}")
+    return notes
+
+
+# -- logs ------------------------------------------------------------------------
+@task(
+    positional=[] if UNDER_FAB else ["job"],
+    help={
+        "job": "job name (its latest run) or job id; under `fab -H NODE`: default the latest "
+               "job that ran on NODE",
+        "node": "only this node's lines",
+        "rank": "only this global rank's lines",
+        "tail": "only the last N lines of each node",
+        "follow": "keep printing new lines until the job ends",
+        "json": "one JSON object per line: {node, rank, text}",
+    },
+)
+@cli
+def logs(c, job=None, node=None, rank=None, tail=None, follow=False, json=False):
+    """Show a job's logs from every node, each line prefixed with node and rank."""
+    rank, tail = count("rank", rank), count("tail", tail)
+    if is_connection(c):
+        return host_logs(c, job, node, rank, tail, follow, json)
+    jobs = jobs_of(c)
+    job_id = views.resolve(jobs, job)
+    for line in reconcile(c, jobs, [job_id]):
+        note(line)
+    meta, damaged = views.read_object(jobs.dir(job_id) / "metadata.json")
+    logs_dir = jobs.dir(job_id) / "logs"
+    if damaged:
+        note(f"job {job_id}: {damaged}; showing the logs that are here")
+        names = sorted(p.stem for p in logs_dir.glob("*.log"))
+    else:
+        names = list(meta.get("nodes") or {})
+    if node is not None:
+        if node not in names:
+            raise UgroError(f"job {job_id} ran on {', '.join(names) or 'no node'}, "
+                            f"not on {node!r}")
+        names = [node]
+    world = meta.get("world_size")
+    if rank is not None and isinstance(world, int) and rank >= world:
+        raise UgroError(f"--rank {rank}: job {job_id} has ranks 0-{world - 1}")
+    fetch = logs_mod.stale(meta, logs_dir, names)
+    if fetch:
+        for name, why in logs_mod.fetch(jobs, cluster_of(c), job_id, fetch).items():
+            note(f"{name}: could not fetch the node's log ({why}); showing the copy here")
+    if follow and not damaged:
+        logs_mod.follow(jobs, job_id, nodes=names, rank=rank, tail=tail, as_json=json)
+        return
+    for lines in logs_mod.read(logs_dir, names).values():
+        for line in logs_mod.select(lines, rank, tail):
+            print(logs_mod.render(line, json))
+
+
+def host_logs(c, job, node, rank, tail, follow, as_json):
+    """`fab -H NODE logs`: the raw output on that node, formatted as the control node would."""
+    cluster = cluster_of(c)
+    here = host_node(c, cluster)
+    if node not in (None, here.name):
+        raise UgroError(f"--node {node}: this is {here.name} (fab -H chose it)")
+    if follow:
+        raise UgroError(f"--follow needs the job's supervisor: run inv logs JOB --follow "
+                        f"--node {here.name} on the control node")
+    with Session(cluster) as session:
+        listing = session.run(here, commands.node_job_dirs(here))
+        if not listing.ok:
+            raise UgroError(listing.error or f"{here.name}: {listing.stderr.strip()}")
+        job_id = logs_mod.pick_host_job(logs_mod.host_jobs(listing.stdout), job, here.name)
+        out = session.run(here, commands.job_output(here, job_id))
+    if not out.ok:
+        raise UgroError(out.error or f"{here.name}: job {job_id}: no output.log here "
+                                     f"({out.stderr.strip()})")
+    note(f"{here.name}: job {job_id}")
+    lines = [logs_mod.parse_line(raw, here.name)
+             for raw in logs_mod.format_output(out.stdout, here.name)]
+    for line in logs_mod.select(lines, rank, tail):
+        print(logs_mod.render(line, as_json))
+
+
+# -- results, jobs, compare ------------------------------------------------------
+@task(positional=["job"], help={
+    "job": "job name (its latest run), job id, or a unique prefix of either",
+    "json": "print the summary as JSON",
+})
+@cli
+def results(c, job, json=False):
+    """Summarize a job: status, duration, nodes, GPUs, loss, throughput, checkpoints, errors."""
+    jobs = jobs_of(c)
+    job_id = views.resolve(jobs, job)
+    notes = reconcile(c, jobs, [job_id])
+    rec = views.load(jobs, job_id)
+    view = views.results(rec, views.utcnow())
+    path, plot_note = views.plot_loss(rec.points, jobs.dir(job_id) / "artifacts" / "loss.png",
+                                      job_id)
+    view["plot"] = {"path": str(path) if path else None, "note": plot_note}
+    if json:
+        print_json(view)
+    else:
+        print(views.results_text(view))
+    for line in notes:
+        note(line)
+
+
+@task(name="jobs", help={
+    "name": "only jobs with this name",
+    "status": "only jobs with this status (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)",
+    "json": "print the list as JSON",
+})
+@cli
+def list_jobs(c, name=None, status=None, json=False):
+    """List past and running jobs, newest first."""
+    jobs = jobs_of(c)
+    ids = jobs.ids()
+    if name is not None:
+        ids = [j for j in ids if job_name(j) == name]
+        if not ids:
+            jobs.find(name)  # raises, naming the closest matches
+    notes = reconcile(c, jobs, ids)
+    now = views.utcnow()
+    rows = views.filter_rows([views.job_row(views.load(jobs, j), now) for j in ids], status)
+    if json:
+        print_json(rows)
+    else:
+        print(views.jobs_text(rows))
+    for line in notes:
+        note(line)
+
+
+@task(positional=["first", "second"], help={
+    "first": "a job name or id (or a comma-separated list of them)",
+    "second": "another job name or id (or a comma-separated list: exp2,exp3)",
+    "json": "print the comparison as JSON",
+})
+@cli
+def compare(c, first, second, json=False):
+    """Compare jobs side by side: hyperparameters and final metrics, differences marked."""
+    jobs = jobs_of(c)
+    wanted = [w.strip() for w in f"{first},{second}".split(",") if w.strip()]
+    ids = list(dict.fromkeys(views.resolve(jobs, w) for w in wanted))
+    if len(ids) < 2:
+        raise UgroError(f"compare needs two different jobs; {', '.join(wanted)} are all {ids[0]}")
+    notes = reconcile(c, jobs, ids)
+    view = views.compare([views.load(jobs, j) for j in ids], views.utcnow())
+    if json:
+        print_json(view)
+    else:
+        print(views.compare_text(view))
+    for line in notes:
+        note(line)
+
+
+# -- status ----------------------------------------------------------------------
+@task(help={
+    "refresh": "check the nodes' health now instead of using a recent check",
+    "json": "print the status as JSON",
+})
+@cli
+def status(c, refresh=False, json=False):
+    """Show the nodes and their GPUs, running jobs with their progress, and recent jobs."""
+    cluster = cluster_of(c)
+    jobs = jobs_of(c)
+    data_dir = project_path(c, "data_dir")
+    notes = reconcile(c, jobs, jobs.active(), cluster)
+    state_file = data_dir / "cluster_state.json"
+    state, _ = views.read_object(state_file)
+    now = views.utcnow()
+    fresh = refresh or not views.state_is_recent(state, cluster.name, now)
+    if fresh:
+        reports = health.check(cluster)
+        health.save(data_dir, project_path(c, "log_dir"), cluster, reports)
+        state, _ = views.read_object(state_file)
+    try:
+        history, damaged = views.parse_history(jobs.history.read_text(errors="replace"))
+    except FileNotFoundError:
+        history, damaged = [], None
+    if damaged:
+        notes.append(damaged)
+    running = [views.load(jobs, j) for j in jobs.active()]
+    view = views.status(state, running, history, views.utcnow(), fresh, notes)
+    if json:
+        print_json(view)
+    else:
+        print(views.status_text(view))
+
+
+ns = Collection(logs, results, status, list_jobs, compare)
