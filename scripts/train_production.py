@@ -34,9 +34,11 @@ Only global rank 0 writes, all of it under --output-dir:
     checkpoints/epoch_N/          the LoRA adapter (save_pretrained) and trainer_state.pt
                                   (optimizer, scheduler, step, epoch)
 
-and prints one `config: {json}` line, then per logged step a line a parser can rely on:
+and prints one `config: {json}` line, then per logged step a line a parser can rely on, and a
+last line when training ends:
 
     step 10 | epoch 1 | loss 2.3456 | lr 2.00e-04 | samples/s 12.3
+    done: epochs=1 final_loss=2.1234
 
 The logged loss is the mean over all ranks and over the optimizer steps since the previous line;
 a line is logged every --logging-steps steps and at the end of each epoch. --max-steps ends
@@ -59,6 +61,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -327,9 +330,8 @@ def model_not_found(name, error):
                      f"{first_line(error)}")
 
 
-def load_model(cfg, device, use_4bit, use_unsloth):
+def load_model(cfg, device, compute_dtype, use_4bit, use_unsloth):
     """(model with LoRA applied, tokenizer)."""
-    compute_dtype = DTYPES[cfg.bnb_compute_dtype] if device.type == "cuda" else torch.float32
     if use_unsloth:
         from unsloth import FastLanguageModel
 
@@ -471,6 +473,7 @@ def train(cfg):
         device = torch.device("cpu")
         backend = "gloo"
     use_4bit = cfg.load_in_4bit and cuda
+    compute_dtype = DTYPES[cfg.bnb_compute_dtype] if cuda else torch.float32
     use_unsloth = cuda and importlib.util.find_spec("unsloth") is not None
     if world_size > 1:
         dist.init_process_group(backend, device_id=device if cuda else None)
@@ -503,9 +506,12 @@ def train(cfg):
                         f"pip install 'ugro[train]'") from None
     # The bar for loading weights already in memory is noise, and every rank would print it.
     transformers.utils.logging.disable_progress_bar()
+    # peft asks every model this deprecated question; a user can do nothing about it.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)
 
     torch.manual_seed(SEED)
-    model, tokenizer = load_model(cfg, device, use_4bit, use_unsloth)
+    model, tokenizer = load_model(cfg, device, compute_dtype, use_4bit, use_unsloth)
     blocks = pack(tokenizer, texts, cfg.seq_len)
     # DistributedSampler hands each rank a disjoint shard, reshuffled every epoch by set_epoch.
     sampler = DistributedSampler(blocks, num_replicas=world_size, rank=rank, shuffle=True,
@@ -525,7 +531,6 @@ def train(cfg):
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps,
                                                              total_steps)
     # float16 gradients underflow without loss scaling; bfloat16 and float32 need none.
-    compute_dtype = DTYPES[cfg.bnb_compute_dtype] if cuda else torch.float32
     scaler = torch.amp.GradScaler("cuda", enabled=compute_dtype == torch.float16)
     autocast = torch.autocast("cuda", dtype=compute_dtype, enabled=cuda)
 
@@ -544,13 +549,17 @@ def train(cfg):
             dist.broadcast_object_list(payload, src=0)
         ckpt = payload[0]
         if ckpt is not None:
-            if ckpt["lineage"] != lineage:
-                raise UserError(f"--resume: {ckpt['path']} was trained with {ckpt['lineage']}, "
-                                f"this run asks for {lineage}")
+            differ = [k for k in lineage if ckpt["lineage"].get(k) != lineage[k]]
+            if differ:
+                was = ", ".join(f"{k}={ckpt['lineage'].get(k)}" for k in differ)
+                now = ", ".join(f"{k}={lineage[k]}" for k in differ)
+                raise UserError(f"--resume: {ckpt['path']} was trained with {was}, this run "
+                                f"asks for {now}")
             set_peft_model_state_dict(model, ckpt["adapter"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
+            if ckpt["scaler"]:  # empty when saved by a run that did not scale (CPU, bf16)
+                scaler.load_state_dict(ckpt["scaler"])
             start_epoch, step, final_loss = ckpt["epoch"] + 1, ckpt["step"], ckpt["loss"]
             resumed_from = ckpt["path"]
     ddp_model = (DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)

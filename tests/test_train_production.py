@@ -1,6 +1,7 @@
 """scripts/train_production.py, run for real on the CPU: a tiny random Llama and a tokenizer built
 here, LoRA, torchrun with 2 ranks (gloo). Nothing touches the network: the hub is switched off."""
 
+import ast
 import importlib.util
 import json
 import math
@@ -9,10 +10,14 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
+# In-process loads below never reach for the hub either; huggingface_hub reads this on import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
@@ -229,12 +234,120 @@ def test_a_missing_dataset_is_one_clear_line(tiny, tmp_path):
     assert_one_error_line(result, f"dataset {tmp_path / 'none.txt'}: no such .txt or .jsonl file")
 
 
-def test_lora_targets_absent_from_the_model_are_named(tiny, tmp_path):
-    result = run_script("--model", str(tiny / "model"), "--dataset", str(tiny / "data.txt"),
-                        "--output-dir", str(tmp_path), "--seq-len", "32",
-                        "--lora-target-modules", "q_proj,query_key_value")
-    assert_one_error_line(result, "lora_target_modules query_key_value not in model",
-                          "q_proj", "v_proj")
+def test_out_of_memory_is_one_line_naming_the_rank_and_its_memory(monkeypatch, capsys):
+    import torch
+
+    script = load_script()
+
+    def train(cfg):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    gib = 2**30
+    monkeypatch.setattr(script, "train", train)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name="NVIDIA GeForce RTX 3090"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (gib // 4, 24 * gib))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i: 23 * gib)
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(SystemExit) as caught:
+        script.main([])
+    assert caught.value.code == 1
+    assert capsys.readouterr().err == (
+        "error: rank 3 ran out of GPU memory on cuda:1 (NVIDIA GeForce RTX 3090, 24.0 GiB, "
+        "0.2 GiB free now, peak allocated by this run 23.0 GiB): lower --batch-size or "
+        "--seq-len, or --load-in-4bit\n"
+    )
+
+
+# --- loading, in-process ---------------------------------------------------------------------
+
+
+def config_for(tiny, *flags):
+    return load_script().resolve_config(["--model", str(tiny / "model"), "--dataset",
+                                         str(tiny / "data.txt"), *flags])
+
+
+def test_lora_targets_absent_from_the_model_are_named(tiny):
+    import torch
+
+    script = load_script()
+    cfg = config_for(tiny, "--lora-target-modules", "q_proj,query_key_value")
+    with pytest.raises(script.UserError) as caught:
+        script.load_model(cfg, torch.device("cpu"), torch.float32, use_4bit=False,
+                          use_unsloth=False)
+    assert "lora_target_modules query_key_value not in model" in str(caught.value)
+    assert "its linear layers: down_proj,gate_proj,k_proj,lm_head,o_proj,q_proj,up_proj," \
+        "v_proj" in str(caught.value)
+
+
+def test_a_checkpoint_stored_quantized_is_refused_on_a_cpu(tiny, tmp_path):
+    import torch
+
+    script = load_script()
+    shutil.copytree(tiny / "model", tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    cfg = script.resolve_config(["--model", str(tmp_path / "q"), "--dataset", "d.txt"])
+    with pytest.raises(script.UserError, match="is stored quantized and cannot be trained in "
+                                               "float32 on a CPU"):
+        script.load_model(cfg, torch.device("cpu"), torch.float32, use_4bit=False,
+                          use_unsloth=False)
+
+
+def test_jsonl_records_are_their_text_fields(tmp_path):
+    script = load_script()
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n')
+    cfg = script.resolve_config(["--model", "m", "--dataset", str(path)])
+    assert script.load_texts(cfg) == ["one", "two"]
+    path.write_text('{"text": "one"}\n{"body": "two"}\n')
+    with pytest.raises(script.UserError, match=re.escape(f"{path}:2: no string `text` field")):
+        script.load_texts(cfg)
+
+
+def test_a_hub_dataset_is_its_train_split_text_column(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    script = load_script()
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": ["a b", "", "c"], "n": [1, 2, 3]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = script.resolve_config(["--model", "m"])
+    assert script.load_texts(cfg) == ["a b", "", "c"]
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "train")]
+
+
+def test_records_are_packed_into_blocks_with_eos_between(tiny):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("the cat", "a dog")]
+    stream = ids[0] + [tokenizer.eos_token_id] + ids[1] + [tokenizer.eos_token_id]
+    blocks = load_script().pack(tokenizer, ["the cat", "  ", "a dog"], 3)
+    assert blocks.shape == (len(stream) // 3, 3)
+    assert blocks.flatten().tolist() == stream[: blocks.numel()]
+
+
+def imported_modules(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+
+
+def test_the_script_and_the_orchestrator_stay_apart():
+    # The script runs on workers without ugro; ugro runs on the head node without the stack.
+    assert not [m for m in imported_modules(SCRIPT) if m.split(".")[0] == "ugro"]
+    stack = {"transformers", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth"}
+    for path in (ROOT / "ugro").glob("*.py"):
+        assert not [m for m in imported_modules(path) if m.split(".")[0] in stack], path
 
 
 # --- training, for real ---------------------------------------------------------------------
@@ -298,3 +411,30 @@ def test_resume_continues_the_steps_in_the_next_epoch(first_epoch, tiny, tmp_pat
     assert (tmp_path / "checkpoints" / "epoch_2" / "adapter_config.json").exists()
     assert resumed.stdout.splitlines()[-1] == \
         f"done: epochs=2 final_loss={records[-1]['loss']:.4f}"
+
+
+@pytest.mark.slow
+def test_one_process_without_torchrun(tiny, tmp_path):
+    result = run_script("--model", str(tiny / "model"), "--dataset", str(tiny / "data.txt"),
+                        "--output-dir", str(tmp_path), "--epochs", "2", "--max-steps", "3",
+                        "--logging-steps", "1", "--seq-len", "32", "--no-tensorboard")
+    assert result.returncode == 0, result.stderr
+    assert [(r["step"], r["epoch"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == \
+        [(1, 1), (2, 1), (3, 1)]
+    # --max-steps cut epoch 1 short, and that epoch is checkpointed.
+    assert (tmp_path / "checkpoints" / "epoch_1" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "tensorboard").exists()
+    assert result.stdout.splitlines()[-1].startswith("done: epochs=1 final_loss=")
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_of_another_adapter_shape(first_epoch, tiny, tmp_path):
+    out, result = first_epoch
+    assert result.returncode == 0, result.stderr
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
+    refused = run_script("--model", str(tiny / "model"), "--dataset", str(tiny / "data.txt"),
+                         "--output-dir", str(tmp_path), "--epochs", "2", "--seq-len", "32",
+                         "--lora-r", "8", "--resume")
+    assert_one_error_line(refused, f"--resume: {tmp_path / 'checkpoints' / 'epoch_1'} was "
+                                   "trained with lora_r=16, this run asks for lora_r=8")
+    assert (tmp_path / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()

@@ -404,7 +404,7 @@ class NodeLog:
 
     def _blanks(self) -> None:
         if self.blank:
-            self.file.write(f"{self.node}    | \n" * self.blank)
+            self.file.write(f"{self.node}    |\n" * self.blank)
             self.file.flush()
             self.blank = 0
 
