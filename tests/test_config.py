@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ugro.config import Cluster, ConfigError, Node, PythonEnv, load_cluster, parse_cluster
 from ugro.errors import UgroError
@@ -89,8 +90,12 @@ def test_homelab_example_is_the_reference_cluster(home):
     assert (c.name, c.master_port, c.rdzv_backend) == ("homelab", 29500, "c10d")
     assert (c.health_timeout, c.port_policy) == (5.0, "next-free")
     assert c.known_hosts_path == home / ".ssh" / "known_hosts"
-    assert c.training["model"] == "unsloth/tinyllama-bnb-4bit"
-    assert c.training["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    # Its `training:` section is the reference job, read by train_production.py --config.
+    training = yaml.safe_load((ROOT / "config/examples/homelab.yaml").read_text())["training"]
+    assert training["model"] == "unsloth/tinyllama-bnb-4bit"
+    assert training["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05,
+                                "target_modules": ["q_proj", "v_proj"]}
+    assert (training["batch_size"], training["grad_accum"], training["seq_len"]) == (1, 8, 2048)
     assert gpu1.python.argv() == ["pixi", "run", "--frozen", "-e", "default", "python"]
     assert [n.procs for n in c.nodes] == [1, 1, 1]
     assert gpu1.address == "192.168.1.101"

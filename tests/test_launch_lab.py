@@ -217,3 +217,22 @@ def test_local_cluster_quick_start(inv):
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert "local r1 |" in (inv.data / "experiments" / job_id / "logs/local.log").read_text() \
         or "local r0 |" in r.stdout
+
+
+def test_reset_stops_every_job_and_marks_it_cancelled(inv, cluster, lab):
+    inv("launch", "--name", "r1", "--nodes", "lab0", "--nproc-per-node", "1", "--detach",
+        "--script-args", "--steps-per-epoch 1000 --sleep-per-step 0.2", cluster=cluster,
+        check=0)
+    job_id, _ = only_job(inv.data)
+    wait_for(lambda: tagged_pids(job_id), 60)
+    # The emergency button, as a user would press it (the shell wrapper over `inv reset`).
+    env = dict(os.environ, INVOKE_UGRO_CLUSTER=str(cluster),
+               INVOKE_UGRO_DATA_DIR=str(inv.data), PATH=f"{Path(sys.executable).parent}:"
+               + os.environ["PATH"])
+    r = subprocess.run(["bash", str(ROOT / "tools/reset_cluster.sh")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{job_id}: CANCELLED" in r.stdout
+    _, meta = only_job(inv.data)
+    assert meta["status"] == "CANCELLED"
+    assert tagged_pids(job_id) == []

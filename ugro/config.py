@@ -84,7 +84,6 @@ class Cluster:
     known_hosts: str = "~/.ssh/known_hosts"
     port_policy: str = "next-free"  # or "refuse": what a busy master port does
     sync_paths: tuple[str, ...] = ()
-    training: dict[str, Any] = field(default_factory=dict)
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -253,7 +252,9 @@ def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> 
     if data is None:
         raise ConfigError(f"{source}: empty file")
     top = _Fields(source, "", data)
+    # `training:` belongs to the training scripts (train_production.py --config FILE).
     top.unknown({"cluster", "master", "workers", "training", "sync"})
+    top.get("training", dict, {})
     settings = _Fields(source, "cluster", data.get("cluster") or {})
     settings.unknown({
         "name", "master_port", "rdzv_backend", "health_timeout", "known_hosts", "port_policy",
@@ -311,7 +312,6 @@ def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> 
         known_hosts=_expand(settings.string("known_hosts", "~/.ssh/known_hosts")),
         port_policy=policy,
         sync_paths=tuple(str(p) for p in extra_paths),
-        training=top.get("training", dict, {}),
     )
 
 
