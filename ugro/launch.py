@@ -274,16 +274,19 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path) -> str:
             jobs.finish(job_id, FAILED, error=f"start failed: {why}", nodes={
                 a.node.name: {"status": "failed to start"} for a in failed})
             raise UgroError(f"job {job_id}: start failed: {why}")
-    spawn_supervisor(jobs, cluster, job_id, root)
+    spawn_supervisor(jobs, cluster, job_id)
     return job_id
 
 
-def spawn_supervisor(jobs: Jobs, cluster: Cluster, job_id: str, root: Path) -> int:
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def spawn_supervisor(jobs: Jobs, cluster: Cluster, job_id: str) -> int:
     log = (jobs.dir(job_id) / "supervisor.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ugro.supervise", "--data-dir", str(jobs.data_dir),
-         "--cluster", str(cluster.source), job_id],
-        cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        [sys.executable, "-m", "ugro.supervise", "--data-dir", str(jobs.data_dir.resolve()),
+         "--cluster", str(cluster.source.resolve()), job_id],
+        cwd=PACKAGE_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
     )
     jobs.update(job_id, lambda m: m.update(supervisor_pid=proc.pid))
     return proc.pid
@@ -348,7 +351,7 @@ def reconcile(jobs: Jobs, cluster: Cluster, job_id: str) -> dict:
     with Session(cluster) as session:
         states = node_states(session, nodes, job_id)
     if any(s.get("alive") for s in states.values()):
-        spawn_supervisor(jobs, cluster, job_id, Path(os.getcwd()))
+        spawn_supervisor(jobs, cluster, job_id)
         return jobs.metadata(job_id)
     unreachable = [n for n, s in states.items() if "error" in s]
     if unreachable:
@@ -511,12 +514,15 @@ def wait_attached(jobs: Jobs, cluster: Cluster, job_id: str, out=sys.stdout) -> 
     from .logs import follow
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    done = threading.Event()
+    threading.Thread(target=_watchdog, args=(jobs, cluster, job_id, done), daemon=True).start()
     try:
         follow(jobs, job_id, out=out)
     except KeyboardInterrupt:
         print(f"\ncancelling {job_id} on every node...", file=sys.stderr, flush=True)
         cancel(jobs, cluster, job_id, reason="interrupted (Ctrl-C/SIGTERM on inv launch)")
     finally:
+        done.set()
         signal.signal(signal.SIGTERM, previous)
     deadline = time.monotonic() + 30
     meta = jobs.metadata(job_id)
@@ -524,6 +530,17 @@ def wait_attached(jobs: Jobs, cluster: Cluster, job_id: str, out=sys.stdout) -> 
         time.sleep(0.1)
         meta = jobs.metadata(job_id)
     return meta
+
+
+def _watchdog(jobs: Jobs, cluster: Cluster, job_id: str, done: threading.Event,
+              every: float = 2.0) -> None:
+    """While attached, make sure a dead supervisor cannot leave us following forever."""
+    while not done.wait(every):
+        meta = jobs.metadata(job_id)
+        if meta["status"] not in ACTIVE:
+            return
+        if not supervisor_alive(meta):
+            reconcile(jobs, cluster, job_id)
 
 
 def _raise_interrupt(signum, frame):
