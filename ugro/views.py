@@ -40,6 +40,8 @@ RECENT_JOBS = 5
 TAIL_LINES = 10  # of a failed node's log, on the results screen
 # LaunchConfig fields that say how to run a job, not what it computes.
 NOT_HYPERPARAMETERS = ("name", "detach", "grace")
+LABELS = {"duration_s": "duration", "final_loss": "final loss", "best_loss": "best loss",
+          "samples_per_sec": "samples/s", "world_size": "world size"}
 
 
 def utcnow() -> datetime:
@@ -351,7 +353,9 @@ def compare(records: list[JobRecord], now: datetime) -> dict:
     add("results", "status", [r.status for r in records])
     add("results", "duration_s", [duration(r.meta, now) for r in records])
     summaries = [summarize(r.points) for r in records]
-    for key in ("steps", "epochs", "final_loss", "best_loss", "samples_per_sec"):
+    add("results", "steps", [s["steps"] for s in summaries])
+    add("results", "epoch", [s["epochs"] for s in summaries])  # the last one reached
+    for key in ("final_loss", "best_loss", "samples_per_sec"):
         add("results", key, [s[key] for s in summaries])
     return {"jobs": [r.job_id for r in records], "rows": rows,
             "damaged": {r.job_id: r.damaged for r in records if r.damaged}}
@@ -433,12 +437,22 @@ def results_text(view: dict) -> str:
         rows.append(("failed", where.replace("exit_code", "exit code")))
     for why in view["damaged"]:
         rows.append(("DAMAGED", why))
-    text = tabulate(rows, tablefmt="plain")
-    tail = [line for line in failure.get("log_tail") or [] if isinstance(line, str)]
-    if tail:
-        text += f"\n\nlast lines of {failure.get('node')}'s log:\n" + "\n".join(
-            f"  {line}" for line in tail[-TAIL_LINES:])
+    text = tabulate(rows, tablefmt="plain", disable_numparse=True)
+    label, lines = failure_lines(failure)
+    if lines:
+        text += f"\n\nlast lines of {label}:\n" + "\n".join(f"  {line}" for line in lines)
     return text
+
+
+def failure_lines(failure: dict) -> tuple[str, list[str]]:
+    """What to show of a failed node's log: the failing rank's own last lines, if it said
+    anything, else the node's (mostly torchrun's report, which names the rank but not why)."""
+    tail = [line for line in failure.get("log_tail") or [] if isinstance(line, str)]
+    node, rank = failure.get("node"), failure.get("rank")
+    own = [line for line in tail if line.startswith(f"{node} r{rank} |")]
+    if rank is not None and own:
+        return f"{node} rank {rank}", own[-TAIL_LINES:]
+    return f"{node}'s log", tail[-TAIL_LINES:]
 
 
 def jobs_text(rows: list[dict]) -> str:
@@ -446,13 +460,12 @@ def jobs_text(rows: list[dict]) -> str:
         return "no jobs"
     table = [
         [r["job_id"], r["status"] or "?", _local(r["started_at"]), _duration(r["duration_s"]),
-         ",".join(r["nodes"]) or "-", _fmt(r["world_size"]), _fmt(r["steps"]),
-         _loss(r["final_loss"]), _note(r)]
+         ",".join(r["nodes"]) or "-", r["world_size"], r["steps"], r["final_loss"], _note(r)]
         for r in rows
     ]
     headers = ["job", "status", "started", "duration", "nodes", "world", "steps", "final loss",
                "note"]
-    return tabulate(table, headers=headers, tablefmt="simple")
+    return tabulate(table, headers=headers, tablefmt="simple", missingval="-", floatfmt=".4f")
 
 
 def status_text(view: dict) -> str:
@@ -475,7 +488,8 @@ def status_text(view: dict) -> str:
             "\n".join(n["problems"] + [f"warning: {w}" for w in n["warnings"]]),
         ])
     out.append(tabulate(rows, headers=["node", "address", "health", "GPU", "memory", "util",
-                                       "load", "notes"], tablefmt="simple"))
+                                       "load", "notes"], tablefmt="simple",
+                        disable_numparse=True))
     out += [f"DRIFT: {line}" for line in h["drift"]]
     out.append("\nRunning jobs")
     if view["running"]:
@@ -484,7 +498,7 @@ def status_text(view: dict) -> str:
               _progress(r), _loss(r["loss"]), _duration(r["elapsed_s"])]
              for r in view["running"]],
             headers=["job", "status", "nodes", "world", "progress", "loss", "elapsed"],
-            tablefmt="simple"))
+            tablefmt="simple", disable_numparse=True))
     else:
         out.append("none")
     out.append("\nRecent jobs")
@@ -495,7 +509,7 @@ def status_text(view: dict) -> str:
               e.get("error") or ""]
              for e in view["recent"]],
             headers=["job", "status", "ended", "duration", "nodes", "error"],
-            tablefmt="simple"))
+            tablefmt="simple", disable_numparse=True))
     else:
         out.append("none")
     out += [f"note: {line}" for line in view["notes"]]
@@ -510,9 +524,10 @@ def compare_text(view: dict) -> str:
             if section is not None:
                 rows.append([""] * (len(view["jobs"]) + 2))
             section = row["section"]
-        rows.append(["*" if row["differs"] else "", row["key"],
+        rows.append(["*" if row["differs"] else "", LABELS.get(row["key"], row["key"]),
                      *(_value(row["key"], v) for v in row["values"])])
-    text = tabulate(rows, headers=["", "", *view["jobs"]], tablefmt="simple")
+    text = tabulate(rows, headers=["", "", *view["jobs"]], tablefmt="simple",
+                    disable_numparse=True)
     text += "\n* differs"
     for job_id, problems in view["damaged"].items():
         text += "".join(f"\nDAMAGED {job_id}: {why}" for why in problems)
@@ -594,7 +609,7 @@ def _memory(g: dict) -> str:
 
 def _world(view: dict) -> str:
     procs = {n["nproc"] for n in view["nodes"]}
-    each = f" ({procs.pop()} rank(s) per node)" if len(procs) == 1 and None not in procs else ""
+    each = f" ({procs.pop()} per node)" if len(procs) == 1 and None not in procs else ""
     return _fmt(view["world_size"]) + each
 
 

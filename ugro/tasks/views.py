@@ -63,8 +63,8 @@ def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
 @task(
     positional=[] if UNDER_FAB else ["job"],
     help={
-        "job": "job name (its latest run) or job id; under `fab -H NODE`: default the latest "
-               "job that ran on NODE",
+        "job": "job name (its latest run), job id, or a unique prefix; under `fab -H NODE` "
+               "give it as --job (default: the latest job that ran on NODE)",
         "node": "only this node's lines",
         "rank": "only this global rank's lines",
         "tail": "only the last N lines of each node",
@@ -99,7 +99,11 @@ def logs(c, job=None, node=None, rank=None, tail=None, follow=False, json=False)
         raise UgroError(f"--rank {rank}: job {job_id} has ranks 0-{world - 1}")
     fetch = logs_mod.stale(meta, logs_dir, names)
     if fetch:
-        for name, why in logs_mod.fetch(jobs, cluster_of(c), job_id, fetch).items():
+        try:
+            problems = logs_mod.fetch(jobs, cluster_of(c), job_id, fetch)
+        except UgroError as exc:
+            problems = dict.fromkeys(fetch, str(exc))
+        for name, why in problems.items():
             note(f"{name}: could not fetch the node's log ({why}); showing the copy here")
     if follow and not damaged:
         logs_mod.follow(jobs, job_id, nodes=names, rank=rank, tail=tail, as_json=json)
