@@ -225,8 +225,8 @@ def ssh_option(value) -> str:
     return value
 
 
-def ssh_transport(node: Node, known_hosts: Path, timeout: float) -> str:
-    """rsync's `-e`: ssh as UGRO connects (port, key, pinned host keys), never prompting.
+def ssh_argv(node: Node, known_hosts: Path, timeout: float) -> list[str]:
+    """OpenSSH as UGRO connects (port, key, pinned host keys), never prompting.
 
     `-o IdentityFile=` rather than `-i`: ssh reads `-i`'s path raw but expands
     %-tokens in it afterwards, so no quoting makes a `%` in it work.
@@ -234,13 +234,30 @@ def ssh_transport(node: Node, known_hosts: Path, timeout: float) -> str:
     argv = ["ssh", "-p", str(node.port)]
     if node.identity_file:
         argv += ["-o", f"IdentityFile={ssh_option(node.identity_file)}"]
-    argv += [
+    return argv + [
         "-o", f"UserKnownHostsFile={ssh_option(known_hosts)}",
         "-o", "StrictHostKeyChecking=yes",
         "-o", "BatchMode=yes",
         "-o", f"ConnectTimeout={max(1, round(timeout))}",
     ]
-    return join(argv)
+
+
+def ssh_transport(node: Node, known_hosts: Path, timeout: float) -> str:
+    """rsync's `-e`, which rsync splits into words as a shell would."""
+    return join(ssh_argv(node, known_hosts, timeout))
+
+
+def ssh(node: Node, known_hosts: Path, timeout: float, command: str) -> list[str]:
+    """The argv that runs `command` on the node over the same ssh as rsync's."""
+    return ssh_argv(node, known_hosts, timeout) + ["--", f"{node.user}@{node.host}", command]
+
+
+def free_space(node: Node) -> str:
+    """`df -Pk` for the project path, or its nearest directory that exists."""
+    return (
+        f"d={rpath(node.project_path)}; "
+        'while [ ! -d "$d" ]; do d=$(dirname -- "$d"); done; df -Pk -- "$d"'
+    )
 
 
 def rsync_dest(node: Node) -> str:
@@ -351,6 +368,14 @@ print("UGRO_ENV " + json.dumps(report), flush=True)
 
 
 def env_fingerprint(node: Node, lock: str, packages: bool = False) -> str:
-    """Print the node's environment fingerprint (`ENV_PROBE`) from inside its project path."""
-    argv = node.python.argv() + ["-c", ENV_PROBE, lock] + (["--packages"] if packages else [])
-    return in_project(node, join(argv))
+    """Print the node's environment fingerprint (`ENV_PROBE`), from its project path.
+
+    A node never synced has no project path: its Python is still fingerprinted
+    (from the home directory), with no lock file.
+    """
+    argv = node.python.argv() + ["-c", ENV_PROBE]
+    flag = " --packages" if packages else ""
+    return (
+        f"if cd {rpath(node.project_path)} 2>/dev/null; then L={q(lock)}; else cd; L=; fi; "
+        f'{join(argv)} "$L"{flag}'
+    )
