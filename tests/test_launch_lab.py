@@ -211,6 +211,8 @@ def test_local_cluster_quick_start(inv):
             timeout=240, env={"INVOKE_UGRO_CLUSTER": "config/cluster.yaml"})
     assert r.returncode == 0, r.stdout + r.stderr
     job_id, meta = only_job(inv.data)
+    # The local node's own files land in this checkout's data/ (its project path).
+    shutil.rmtree(ROOT / "data" / "experiments" / job_id, ignore_errors=True)
     assert meta["status"] == "COMPLETED" and meta["world_size"] == 2
     metrics = [json.loads(x) for x in
                (inv.data / "experiments" / job_id / "metrics.jsonl").read_text().splitlines()]
