@@ -238,3 +238,15 @@ def test_reset_stops_every_job_and_marks_it_cancelled(inv, cluster, lab):
     _, meta = only_job(inv.data)
     assert meta["status"] == "CANCELLED"
     assert tagged_pids(job_id) == []
+
+
+def test_launch_with_sync_copies_the_code_to_fresh_workers(inv, lab, tmp_path):
+    fresh = {n.name: {"project_path": str(tmp_path / f"{n.name}-project")} for n in lab.nodes[:2]}
+    cluster = lab.cluster_file(tmp_path / "fresh.yaml", lab.nodes[:2], node_overrides=fresh)
+    r = inv("launch", "--name", "synced", "--sync", "--nproc-per-node", "1",
+            "--script-args", FAST, cluster=cluster, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "lab1-project/scripts/train_single_test.py").exists()
+    assert not (tmp_path / "lab1-project/data/experiments").is_symlink()
+    _, meta = only_job(inv.data)
+    assert meta["status"] == "COMPLETED"

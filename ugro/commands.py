@@ -31,7 +31,8 @@ def rpath(path: str) -> str:
 
 
 def join(argv: list[str]) -> str:
-    return " ".join(q(a) for a in argv)
+    # `~/...` words (a venv's python, say) mean the node's home, as in a shell.
+    return " ".join(rpath(a) if a.startswith("~/") else q(a) for a in argv)
 
 
 def in_project(node: Node, command: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,11 +25,20 @@ DEFAULTS = {
 }
 
 
+HELP_FLAGS = {"--help", "-h"}
+
+
 def cli(fn):
     """Let a task raise UgroError for one clear line on stderr and exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if HELP_FLAGS & {v for v in (*args[1:], *kwargs.values()) if isinstance(v, str)}:
+            # Invoke hands `inv cancel --help` to a positional argument as its
+            # value; show the help the user asked for instead.
+            prog = "fabric" if "fabric.main" in sys.modules else "invoke"
+            os.execv(sys.executable, [sys.executable, "-m", prog, "--help",
+                                      fn.__name__.replace("_", "-")])
         try:
             return fn(*args, **kwargs)
         except UgroError as exc:

@@ -48,12 +48,14 @@ def launch_defaults(c) -> dict:
         "detach": "return once every node has started; the job is supervised in the background",
         "resume": "pass --resume to the script (continue from its latest checkpoint)",
         "script_args": "extra arguments for the script, as one quoted string",
+        "sync": "run `inv sync` to every node first (default: launch.sync in "
+                "config/training_defaults.yaml, off)",
     }
 )
 @cli
 def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_size=None,
            script=None, nodes=None, nproc_per_node=None, detach=False, resume=False,
-           script_args=None):
+           script_args=None, sync=False):
     """Run a distributed torchrun training job on the cluster's nodes."""
     cfg = launch_mod.LaunchConfig.from_options(
         launch_defaults(c), name=name, epochs=epochs, lr=lr, model=model, dataset=dataset,
@@ -62,6 +64,16 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
     )
     cluster = cluster_of(c)
     jobs = jobs_of(c)
+    defaults = launch_defaults(c)
+    if sync or defaults.get("sync", False):
+        from .. import sync as sync_mod
+
+        results = sync_mod.sync_code(cluster, cluster.select(cfg.nodes), ROOT)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            raise UgroError("sync before launch failed: " + "; ".join(
+                f"{r.node}: {r.error}" for r in failed))
+        print(sync_mod.sync_table(results), flush=True)
     job_id = launch_mod.launch(jobs, cluster, cfg, ROOT)
     meta = jobs.metadata(job_id)
     where = ", ".join(f"{n} ({v['nproc']} rank{'s' if v['nproc'] > 1 else ''})"
