@@ -123,8 +123,10 @@ def test_crashing_rank_fails_the_job_fast_everywhere(inv, cluster):
 
 
 def test_cancel_stops_everything(inv, cluster):
-    inv("launch", "--name", "long", "--nproc-per-node", "1", "--detach", "--script-args",
-        "--steps-per-epoch 1000 --sleep-per-step 0.2", cluster=cluster, check=0)
+    r = inv("launch", "--name", "long", "--nproc-per-node", "1", "--detach", "--script-args",
+            "--steps-per-epoch 1000 --sleep-per-step 0.2", cluster=cluster, check=0)
+    # --detach returns once every rank runs.
+    assert "lab0 1/1 ranks, lab1 1/1 ranks, lab2 1/1 ranks" in r.stdout
     job_id, meta = only_job(inv.data)
     assert meta["status"] == "RUNNING"
     log = inv.data / "experiments" / job_id / "logs"

@@ -162,6 +162,20 @@ def kill_job(node: Node, job_id: str, grace: float = 3.0) -> str:
     )
 
 
+def ranks_started(node: Node, job_id: str) -> str:
+    """Print how many of the job's ranks (torchrun workers) run on this node, and
+    `ended` if the node's launch is already over (an exit code is written)."""
+    d = node_job_dir(node, job_id)
+    return in_project(
+        node,
+        f"D={q(d)}; J={q(job_id)}; "
+        '[ -e "$D/exit_code" ] && { echo ended; exit 0; }; n=0; '
+        'for f in $(grep -lzxF "UGRO_JOB_ID=$J" /proc/[0-9]*/environ 2>/dev/null); do '
+        "  grep -qz '^LOCAL_RANK=' \"$f\" 2>/dev/null && n=$((n+1)); "
+        'done; echo "$n"',
+    )
+
+
 def read_file(node: Node, relpath: str) -> str:
     return in_project(node, f"cat {q(relpath)}")
 

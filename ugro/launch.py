@@ -281,6 +281,37 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path) -> str:
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
+def wait_for_ranks(jobs: Jobs, cluster: Cluster, job_id: str, timeout: float = 300.0,
+                   poll: float = 0.2) -> dict[str, str]:
+    """Wait until every node runs all its ranks; node -> 'N/N ranks', 'ended' or why not.
+
+    Returns early when the job stops being active (a node failed at start-up).
+    """
+    meta = jobs.metadata(job_id)
+    want = {name: facts["nproc"] for name, facts in meta["nodes"].items()}
+    nodes = [cluster.node(n) for n in want]
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    with Session(cluster) as session:
+        while True:
+            pending = [n for n in nodes if n.name not in seen]
+            answers = session.run_all(pending, lambda n: commands.ranks_started(n, job_id))
+            for name, a in answers.items():
+                out = a.stdout.strip()
+                if out == "ended":
+                    seen[name] = "ended"
+                elif out.isdigit() and int(out) >= want[name]:
+                    seen[name] = f"{out}/{want[name]} ranks"
+            if len(seen) == len(nodes) or jobs.metadata(job_id)["status"] not in ACTIVE:
+                break
+            if time.monotonic() > deadline:
+                for n in nodes:
+                    seen.setdefault(n.name, "not all ranks started yet")
+                break
+            time.sleep(poll)
+    return seen
+
+
 def spawn_supervisor(jobs: Jobs, cluster: Cluster, job_id: str) -> int:
     log = (jobs.dir(job_id) / "supervisor.log").open("ab")
     proc = subprocess.Popen(

@@ -45,7 +45,7 @@ def launch_defaults(c) -> dict:
                   "config/training_defaults.yaml: scripts/train_single_test.py)",
         "nodes": "comma-separated node names (default: every node)",
         "nproc_per_node": "ranks per node (default: the node's GPU count, or cpu_procs)",
-        "detach": "return once every node has started; the job is supervised in the background",
+        "detach": "return once every rank runs; the job is supervised in the background",
         "resume": "pass --resume to the script (continue from its latest checkpoint)",
         "script_args": "extra arguments for the script, as one quoted string",
         "sync": "run `inv sync` to every node first (default: launch.sync in "
@@ -81,6 +81,8 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
     print(f"job {job_id}: world size {meta['world_size']} on {where}; "
           f"rendezvous {meta['master']}", flush=True)
     if detach:
+        started = launch_mod.wait_for_ranks(jobs, cluster, job_id)
+        print("started: " + ", ".join(f"{n} {s}" for n, s in started.items()))
         print(f"detached; follow with: inv logs {cfg.name} --follow; "
               f"stop with: inv cancel {cfg.name}")
         return
