@@ -67,10 +67,15 @@ alive() {
 }
 """
 
-# Processes tagged with this job's id (torchrun starts its workers in new
-# sessions, so the group alone does not reach them after a SIGKILL).
+# Processes tagged with this job's id and this node's name (torchrun starts its
+# workers in new sessions, so the group alone does not reach them after a
+# SIGKILL; the node name keeps nodes that share a machine apart).
 _TAGGED = r"""
-tagged() { grep -lzxF "UGRO_JOB_ID=$J" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; }
+tagged() {
+  for f in $(grep -lzxF "UGRO_JOB_ID=$J" /proc/[0-9]*/environ 2>/dev/null); do
+    grep -qzxF "UGRO_NODE=$N" "$f" 2>/dev/null && { f=${f#/proc/}; echo "${f%/environ}"; }
+  done
+}
 """
 
 
@@ -85,7 +90,8 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str]) -> 
     bad = [k for k in env if not ENV_KEY.match(k)]
     if bad:
         raise ValueError(f"not environment variable names: {bad}")
-    exports = " ".join(f"{k}={q(v)}" for k, v in sorted({**env, "UGRO_JOB_ID": job_id}.items()))
+    tags = {"UGRO_JOB_ID": job_id, "UGRO_NODE": node.name}
+    exports = " ".join(f"{k}={q(v)}" for k, v in sorted({**env, **tags}.items()))
     wrapper = (
         'echo $$ >"$0/pgid.tmp" && mv "$0/pgid.tmp" "$0/pgid"; '
         '"$@" >"$0/output.log" 2>&1 </dev/null; '
@@ -133,7 +139,7 @@ def job_state(node: Node, job_id: str) -> str:
     d = node_job_dir(node, job_id)
     return in_project(
         node,
-        f"D={q(d)}; J={q(job_id)}; "
+        f"D={q(d)}; J={q(job_id)}; N={q(node.name)}; "
         'P=$(cat "$D/pgid" 2>/dev/null); E=$(cat "$D/exit_code" 2>/dev/null)' + _ALIVE + _TAGGED
         + "\nA=0; if alive || [ -n \"$(tagged)\" ]; then A=1; fi; "
         'echo "pgid=$P exit=$E alive=$A"',
@@ -150,7 +156,7 @@ def kill_job(node: Node, job_id: str, grace: float = 3.0) -> str:
     ticks = max(1, int(grace * 10))
     return in_project(
         node,
-        f"D={q(d)}; J={q(job_id)}; "
+        f"D={q(d)}; J={q(job_id)}; N={q(node.name)}; "
         'P=$(cat "$D/pgid" 2>/dev/null)' + _ALIVE + _TAGGED + "\n"
         'any() { alive || [ -n "$(tagged)" ]; }; '
         'sig() { [ -n "$P" ] && kill -"$1" -- -"$P" 2>/dev/null; '
@@ -168,10 +174,10 @@ def ranks_started(node: Node, job_id: str) -> str:
     d = node_job_dir(node, job_id)
     return in_project(
         node,
-        f"D={q(d)}; J={q(job_id)}; "
+        f"D={q(d)}; J={q(job_id)}; N={q(node.name)}" + _TAGGED + "\n"
         '[ -e "$D/exit_code" ] && { echo ended; exit 0; }; n=0; '
-        'for f in $(grep -lzxF "UGRO_JOB_ID=$J" /proc/[0-9]*/environ 2>/dev/null); do '
-        "  grep -qz '^LOCAL_RANK=' \"$f\" 2>/dev/null && n=$((n+1)); "
+        "for p in $(tagged); do "
+        "  grep -qz '^LOCAL_RANK=' /proc/$p/environ 2>/dev/null && n=$((n+1)); "
         'done; echo "$n"',
     )
 
@@ -198,7 +204,7 @@ def kill_all_jobs(node: Node, grace: float = 3.0) -> str:
     ticks = max(1, int(grace * 10))
     return in_project(
         node,
-        _ALIVE + _TAGGED + "\n"
+        f"N={q(node.name)}" + _ALIVE + _TAGGED + "\n"
         'any() { alive || [ -n "$(tagged)" ]; }; '
         'sig() { [ -n "$P" ] && kill -"$1" -- -"$P" 2>/dev/null; '
         'for p in $(tagged); do kill -"$1" "$p" 2>/dev/null; done; }; '
