@@ -79,6 +79,23 @@ tagged() {
 """
 
 
+def _stop(ticks: int, report: str) -> str:
+    """TERM the group and tagged processes, wait up to ticks/10 s, then KILL; `report`."""
+    return (
+        "sig TERM; i=0; "
+        f"while any && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done; "
+        "if any; then sig KILL; sleep 0.3; fi; "
+        f"{report}"
+    )
+
+
+_SIGNALS = (
+    'any() { alive || [ -n "$(tagged)" ]; }; '
+    'sig() { [ -n "$P" ] && kill -"$1" -- -"$P" 2>/dev/null; '
+    'for p in $(tagged); do kill -"$1" "$p" 2>/dev/null; done; }; '
+)
+
+
 def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str]) -> str:
     """Start `argv` in its own session in the background; print the group id.
 
@@ -157,14 +174,8 @@ def kill_job(node: Node, job_id: str, grace: float = 3.0) -> str:
     return in_project(
         node,
         f"D={q(d)}; J={q(job_id)}; N={q(node.name)}; "
-        'P=$(cat "$D/pgid" 2>/dev/null)' + _ALIVE + _TAGGED + "\n"
-        'any() { alive || [ -n "$(tagged)" ]; }; '
-        'sig() { [ -n "$P" ] && kill -"$1" -- -"$P" 2>/dev/null; '
-        'for p in $(tagged); do kill -"$1" "$p" 2>/dev/null; done; }; '
-        "sig TERM; i=0; "
-        f"while any && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done; "
-        "if any; then sig KILL; sleep 0.3; fi; "
-        "if any; then echo still-alive; else echo stopped; fi",
+        'P=$(cat "$D/pgid" 2>/dev/null)' + _ALIVE + _TAGGED + "\n" + _SIGNALS
+        + _stop(ticks, "if any; then echo still-alive; else echo stopped; fi"),
     )
 
 
@@ -204,18 +215,13 @@ def kill_all_jobs(node: Node, grace: float = 3.0) -> str:
     ticks = max(1, int(grace * 10))
     return in_project(
         node,
-        f"N={q(node.name)}" + _ALIVE + _TAGGED + "\n"
-        'any() { alive || [ -n "$(tagged)" ]; }; '
-        'sig() { [ -n "$P" ] && kill -"$1" -- -"$P" 2>/dev/null; '
-        'for p in $(tagged); do kill -"$1" "$p" 2>/dev/null; done; }; '
-        f"for D in data/experiments/*/nodes/{q(node.name)}; do "
+        f"N={q(node.name)}" + _ALIVE + _TAGGED + "\n" + _SIGNALS
+        + f"for D in data/experiments/*/nodes/{q(node.name)}; do "
         '  [ -e "$D/pgid" ] && [ ! -e "$D/exit_code" ] || continue; '
         '  P=$(cat "$D/pgid"); J=${D#data/experiments/}; J=${J%%/*}; '
-        "  any || continue; sig TERM; i=0; "
-        f"  while any && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done; "
-        "  if any; then sig KILL; sleep 0.3; fi; "
-        '  if any; then echo "$J still-alive"; else echo "$J stopped"; fi; '
-        "done; true",
+        "  any || continue; "
+        + _stop(ticks, 'if any; then echo "$J still-alive"; else echo "$J stopped"; fi; ')
+        + "done; true",
     )
 
 

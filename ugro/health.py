@@ -63,18 +63,23 @@ def parse_nvidia_smi(csv_text: str) -> list[Gpu]:
     return gpus
 
 
-def parse_probe(stdout: str) -> dict:
-    """The probe's JSON report, found among whatever else the login printed."""
+def parse_marked_json(stdout: str, prefix: str, what: str) -> dict:
+    """The last `PREFIX {json}` line among whatever else the login printed."""
     for line in reversed(stdout.splitlines()):
-        if line.startswith(PROBE_PREFIX):
+        if line.startswith(prefix):
             try:
-                report = json.loads(line[len(PROBE_PREFIX):])
+                report = json.loads(line[len(prefix):])
             except json.JSONDecodeError as exc:
-                raise ValueError(f"probe report is not JSON ({exc.msg})") from None
+                raise ValueError(f"{what} is not JSON ({exc.msg})") from None
             if not isinstance(report, dict):
-                raise ValueError("probe report is not a JSON object")
+                raise ValueError(f"{what} is not a JSON object")
             return report
-    raise ValueError("no probe report in the output")
+    raise ValueError(f"no {what} in the output")
+
+
+def parse_probe(stdout: str) -> dict:
+    """The probe's JSON report."""
+    return parse_marked_json(stdout, PROBE_PREFIX, "probe report")
 
 
 @dataclass

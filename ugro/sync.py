@@ -14,7 +14,6 @@ The parsers (`parse_itemized`, `parse_stats`, `describe_rsync_failure`,
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from . import commands, health
 from .cluster import Session, fan_out, known_hosts_name
 from .config import Cluster, Node
 from .errors import UgroError
+from .views import human_bytes
 
 DEFAULT_PATHS = ("scripts", "config", "pixi.toml", "pixi.lock")
 PIXI_FILES = ("pixi.toml", "pixi.lock")
@@ -85,12 +85,6 @@ def is_control(node: Node, root: Path) -> bool:
 
 # -- reading rsync's output --------------------------------------------------
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:g} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 # `--itemize-changes`: YXcstpoguax then the path; `*deleting` for deletions.
@@ -163,8 +157,8 @@ def describe_rsync_failure(node: Node, code: int, stderr: str,
     if "No space left on device" in stderr:
         return f"{name}: disk full on the node (No space left on device)"
     if space and space[0] < space[1]:
-        return (f"{name}: disk full on the node ({_size(space[0])} free, "
-                f"{_size(space[1])} needed for one file)")
+        return (f"{name}: disk full on the node ({human_bytes(space[0])} free, "
+                f"{human_bytes(space[1])} needed for one file)")
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr:
         return (f"{name}: host key CHANGED for {known_hosts_name(node)}; if the node was "
                 f"reinstalled, run: inv trust-hosts --nodes {name} --replace")
@@ -360,7 +354,7 @@ def sync_table(results: list[NodeSync]) -> str:
             s.node, s.result,
             len(s.changed) if done else "-",
             len(s.deleted) if done else "-",
-            _size(s.file_bytes if dry_run else s.bytes_sent) if done else "-",
+            human_bytes(s.file_bytes if dry_run else s.bytes_sent) if done else "-",
             f"{s.seconds:.1f}s" if not s.skipped else "-",
             s.error or "",
         ])
@@ -428,16 +422,7 @@ class Fingerprint:
 
 def parse_fingerprint(stdout: str) -> dict:
     """The ENV_PROBE report, found among whatever else the login printed."""
-    for line in reversed(stdout.splitlines()):
-        if line.startswith(commands.ENV_PREFIX):
-            try:
-                report = json.loads(line[len(commands.ENV_PREFIX):])
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"environment report is not JSON ({exc.msg})") from None
-            if not isinstance(report, dict):
-                raise ValueError("environment report is not a JSON object")
-            return report
-    raise ValueError("no environment report in the output")
+    return health.parse_marked_json(stdout, commands.ENV_PREFIX, "environment report")
 
 
 @dataclass

@@ -638,12 +638,12 @@ def _checkpoints(items: list[dict]) -> str:
         names = [c["name"] for c in group]
         shown = names if len(names) <= 4 else [*names[:2], "...", names[-1]]
         size = sum(c["bytes"] or 0 for c in group)
-        place = f"on {where}" if where else (_size(size) if size else "here")
+        place = f"on {where}" if where else (human_bytes(size) if size else "here")
         lines.append(f"{', '.join(shown)} ({len(names)}, {place})")
     return "\n".join(lines)
 
 
-def _size(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB"):
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
