@@ -290,7 +290,8 @@ def test_hostile_values_reach_the_job_verbatim(tmp_path, job_id, reap):
     pgid = start(n, job_id, argv, reap, env)
     assert sh(watch_job(n, job_id, poll=0.05)).stdout.endswith(f"{EXIT_MARKER} 0\n")
     log = (project / node_job_dir(n, job_id) / "output.log").read_text()
-    assert log == f"{env['A']}|{env['B']}|{env['C']}|`touch pwned2`\n"
+    # The job's own output, then the exit marker the wrapper appends last.
+    assert log == f"{env['A']}|{env['B']}|{env['C']}|`touch pwned2`\n\n{EXIT_MARKER} 0\n"
     assert not (tmp_path / "pwned").exists()
     assert not (project / "pwned2").exists()
     assert group_members(pgid) == []

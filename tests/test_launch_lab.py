@@ -252,3 +252,34 @@ def test_launch_with_sync_copies_the_code_to_fresh_workers(inv, lab, tmp_path):
     assert not (tmp_path / "lab1-project/data/experiments").is_symlink()
     _, meta = only_job(inv.data)
     assert meta["status"] == "COMPLETED"
+
+
+SPEW = """\
+import os
+rank = os.environ["RANK"]
+for i in range(int(os.environ.get("LINES", "30000"))):
+    print(f"spew {rank} {i}")
+"""
+
+
+def test_no_log_line_is_lost_however_fast_the_ranks_print(inv, cluster, lab):
+    for node in lab.nodes:
+        (node.project / "spew.py").write_text(SPEW)
+    (ROOT / "spew.py").write_text(SPEW)  # preflight checks the script exists here too
+    try:
+        r = inv("launch", "--name", "spew", "--nproc-per-node", "1", "--script", "spew.py",
+                cluster=cluster, timeout=240)
+    finally:
+        (ROOT / "spew.py").unlink()
+    assert r.returncode == 0, r.stderr
+    job_id, meta = only_job(inv.data)
+    seen = {}
+    for log in (inv.data / "experiments" / job_id / "logs").glob("*.log"):
+        for line in log.read_text().splitlines():
+            parts = line.split(" | ", 1)[-1].split()
+            if parts[:1] == ["spew"]:
+                seen.setdefault(parts[1], set()).add(int(parts[2]))
+    assert {rank: len(numbers) for rank, numbers in seen.items()} == {
+        "0": 30000, "1": 30000, "2": 30000}
+    terminal = [x for x in r.stdout.splitlines() if " | spew " in x]
+    assert len(terminal) == 90000

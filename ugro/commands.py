@@ -101,7 +101,9 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str]) -> 
 
     The group leader records its pid as `pgid`, and the exit code of `argv` as
     `exit_code` when it ends, both atomically, in the node's job directory.
-    Output goes to `output.log` there, so a dropped SSH session loses nothing.
+    Output goes to `output.log` there, so a dropped SSH session loses nothing;
+    the exit marker is appended to it last, so a reader that stops at the
+    marker has read every line.
     """
     d = node_job_dir(node, job_id)
     bad = [k for k in env if not ENV_KEY.match(k)]
@@ -111,8 +113,9 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str]) -> 
     exports = " ".join(f"{k}={q(v)}" for k, v in sorted({**env, **tags}.items()))
     wrapper = (
         'echo $$ >"$0/pgid.tmp" && mv "$0/pgid.tmp" "$0/pgid"; '
-        '"$@" >"$0/output.log" 2>&1 </dev/null; '
-        'echo $? >"$0/exit_code.tmp"; mv "$0/exit_code.tmp" "$0/exit_code"'
+        '"$@" >"$0/output.log" 2>&1 </dev/null; c=$?; '
+        'echo $c >"$0/exit_code.tmp"; mv "$0/exit_code.tmp" "$0/exit_code"; '
+        "printf '\\n\\036UGRO_EXIT %s\\n' $c >>\"$0/output.log\""
     )
     return in_project(
         node,
@@ -127,11 +130,13 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str]) -> 
     )
 
 
-def watch_job(node: Node, job_id: str, poll: float = 0.2) -> str:
-    """Stream the job's output from the start until it ends, then print the exit marker.
+def watch_job(node: Node, job_id: str, poll: float = 1.0) -> str:
+    """Stream the job's output from the start through its exit marker.
 
     The marker carries the exit code, `killed` when the group died without
-    writing one, or `missing` when the job never started here.
+    writing one (a background check appends that marker for it), or
+    `missing` when the job never started here. Reading stops at the marker,
+    never at a timeout, so no line is lost however far behind the reader is.
     """
     d = node_job_dir(node, job_id)
     return in_project(
@@ -139,15 +144,20 @@ def watch_job(node: Node, job_id: str, poll: float = 0.2) -> str:
         f"D={q(d)}; "
         'if [ ! -e "$D/pgid" ]; then printf "\\036UGRO_EXIT missing\\n"; exit 0; fi; '
         'P=$(cat "$D/pgid")' + _ALIVE + "\n"
-        'tail -n +1 -F "$D/output.log" 2>/dev/null & T=$!; '
-        "i=0; "
-        'while [ ! -e "$D/exit_code" ]; do '
-        f"  sleep {poll}; i=$((i+1)); "
-        '  if [ $((i % 5)) -eq 0 ] && ! alive; then [ -e "$D/exit_code" ] || break; fi; '
-        "done; "
-        "sleep 0.3; kill $T 2>/dev/null; wait $T 2>/dev/null; "
-        'if [ -e "$D/exit_code" ]; then C=$(cat "$D/exit_code"); else C=killed; fi; '
-        'printf "\\n\\036UGRO_EXIT %s\\n" "$C"',
+        "{ while alive; do "
+        f"    sleep {poll}; "
+        "  done; "
+        "  sleep 0.5; "
+        "  grep -q \"^$(printf '\\036')UGRO_EXIT\" \"$D/output.log\" 2>/dev/null || "
+        "    printf '\\n\\036UGRO_EXIT killed\\n' >>\"$D/output.log\"; "
+        "} </dev/null >/dev/null 2>&1 & W=$!; "
+        # Through a fifo, not a pipe: a pipe would leave `tail -F` waiting for
+        # more output after sed has stopped at the marker.
+        'F=$(mktemp -u "${TMPDIR:-/tmp}/ugro-watch.XXXXXX") && mkfifo "$F" || exit 1; '
+        'tail -n +1 -F "$D/output.log" 2>/dev/null >"$F" & T=$!; '
+        # sed -u: line by line both ways (mawk would wait to fill its input buffer).
+        "sed -u \"/^$(printf '\\036')UGRO_EXIT/q\" <\"$F\"; "
+        'kill $T $W 2>/dev/null; rm -f "$F"; true',
     )
 
 

@@ -412,34 +412,41 @@ class NodeLog:
         with self.lock:
             self.buffer += data
             *lines, self.buffer = self.buffer.split("\n")
-            for line in lines:
-                self._line(line)
+            self._emit(lines)
 
-    def _line(self, line: str) -> None:
+    def _emit(self, lines: list[str]) -> None:
+        # One write per chunk, whole lines only: a reader never sees half a line.
+        out: list[str] = []
+        for line in lines:
+            self._line(line, out)
+        if out:
+            self.file.write("".join(out))
+            self.file.flush()
+
+    def _line(self, line: str, out: list[str]) -> None:
         if self.exit is not None:
             return
         if line.startswith(commands.EXIT_MARKER):
             self.exit = line[len(commands.EXIT_MARKER):].strip()
-            self.blank = max(0, self.blank - 1)
-            self._blanks()
+            self.blank = max(0, self.blank - 1)  # the marker's own leading newline
+            self._blanks(out)
             return
         if not line:
             self.blank += 1
             return
-        self._blanks()
+        self._blanks(out)
         m = TORCHRUN_RANK.match(line)
         prefix = f"{self.node} r{m.group(1)}" if m else f"{self.node}   "
         text = line[m.end():] if m else line
-        fm = FAILED_RANK.match(text)
-        if fm and self.failed_rank is None:
-            self.failed_rank = int(fm.group(1))
-        self.file.write(f"{prefix} | {text.rstrip(chr(13))}\n")
-        self.file.flush()
+        if self.failed_rank is None:
+            fm = FAILED_RANK.match(text)
+            if fm:
+                self.failed_rank = int(fm.group(1))
+        out.append(f"{prefix} | {text.rstrip(chr(13))}\n")
 
-    def _blanks(self) -> None:
+    def _blanks(self, out: list[str]) -> None:
         if self.blank:
-            self.file.write(f"{self.node}    |\n" * self.blank)
-            self.file.flush()
+            out.append(f"{self.node}    |\n" * self.blank)
             self.blank = 0
 
     def flush(self) -> None:
@@ -447,9 +454,11 @@ class NodeLog:
 
     def close(self) -> None:
         with self.lock:
-            if self.buffer:
-                self._line(self.buffer)
-            self._blanks()
+            self._emit([self.buffer] if self.buffer else [])
+            out: list[str] = []
+            self._blanks(out)
+            if out:
+                self.file.write("".join(out))
             self.buffer = ""
             self.file.close()
 
