@@ -53,11 +53,17 @@ def node_job_dir(node: Node, job_id: str) -> str:
 
 
 # The group-liveness test is zombie-safe: a finished group leader whose parent
-# never reaps it still answers `kill -0`, so read each process's state and
-# process group from /proc instead.
+# never reaps it still answers `kill -0`, so when the leader is gone or a
+# zombie, read each process's state and process group from /proc. The cheap
+# checks come first: this runs in every wait loop.
 _ALIVE = r"""
 alive() {
   [ -n "$P" ] || return 1
+  kill -0 -- -"$P" 2>/dev/null || return 1
+  if read -r l 2>/dev/null <"/proc/$P/stat"; then
+    set -- ${l##*) }
+    [ "$1" != Z ] && return 0
+  fi
   for f in /proc/[0-9]*/stat; do
     read -r l 2>/dev/null <"$f" || continue
     set -- ${l##*) }
