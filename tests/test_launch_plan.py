@@ -91,7 +91,7 @@ def test_defaults_come_from_training_defaults_then_cli_wins():
 
 def test_node_log_prefixes_lines_and_reads_the_exit_marker(tmp_path):
     sink = NodeLog(tmp_path / "gpu1.log", "gpu1")
-    for chunk in ["[rank1]:step 1 | lo", "ss 2.0\nagent line\n", "\n",
+    for chunk in ["[rank1]:step 1 | lo", "ss 2.0\nagent line\n", "\n", "[rank1]:ok 1[rank1]:2\n",
                   "[rank1]:  rank      : 1 (local_rank: 0)\n\n\x1eUGRO_", "EXIT 3\n"]:
         sink.write(chunk)
     sink.close()
@@ -99,6 +99,7 @@ def test_node_log_prefixes_lines_and_reads_the_exit_marker(tmp_path):
         "gpu1 r1 | step 1 | loss 2.0",
         "gpu1    | agent line",
         "gpu1    |",
+        "gpu1 r1 | ok 12",
         "gpu1 r1 |   rank      : 1 (local_rank: 0)",
     ]
     assert sink.exit == "3" and sink.failed_rank == 1

@@ -14,6 +14,7 @@ made, so `inv --list` stays fast.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import socket
@@ -166,6 +167,26 @@ class Session:
             return Answer(node, error=describe_failure(node, exc))
         return Answer(node, result.stdout, result.stderr, result.exited)
 
+    def stream(self, node: Node, command: str, out) -> Answer:
+        """Run `command` on `node`, writing its output to `out` as it comes.
+
+        Unlike `run`, nothing is kept in memory: a job's log may be gigabytes
+        over a day, and Invoke's runner rescans everything it captured after
+        every read (quadratic in the output's size).
+        """
+        try:
+            cx = self.context(node)
+            if node.local:
+                runner = _streaming_runner(False)(cx)
+            else:
+                cx.open()
+                runner = _streaming_runner(True)(context=cx, inline_env=cx.inline_ssh_env)
+            result = runner.run(command, hide=False, warn=True, in_stream=False,
+                                out_stream=out, err_stream=out)
+        except Exception as exc:
+            return Answer(node, error=describe_failure(node, exc))
+        return Answer(node, exited=result.exited)
+
     def run_all(
         self, nodes: Iterable[Node], command: Callable[[Node], str], timeout: float | None = None
     ) -> dict[str, Answer]:
@@ -183,6 +204,25 @@ class Session:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@functools.cache
+def _streaming_runner(remote: bool):
+    """Invoke's local or Fabric's remote runner, streaming in 64 KiB reads without capture."""
+    if remote:
+        from fabric.runners import Remote as base
+    else:
+        from invoke.runners import Local as base
+
+    class Streaming(base):
+        read_chunk_size = 65536
+
+        def _handle_output(self, buffer_, hide, output, reader):
+            for data in self.read_proc_output(reader):
+                if not hide:
+                    self.write_our_output(stream=output, string=data)
+
+    return Streaming
 
 
 def fan_out(nodes: Iterable[Node], fn: Callable[[Node], T]) -> dict[str, T]:

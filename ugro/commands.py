@@ -95,9 +95,12 @@ def _stop(ticks: int, report: str) -> str:
     )
 
 
+# SIGTERM goes to the group alone: torchrun forwards it to its workers, and a
+# second SIGTERM landing on the agent mid-shutdown wedges it until the SIGKILL.
+# SIGKILL goes to the group and to every tagged process.
 _SIGNALS = (
     'any() { alive || [ -n "$(tagged)" ]; }; '
-    'sig() { [ -n "$P" ] && kill -"$1" -- -"$P" 2>/dev/null; '
+    'sig() { [ -n "$P" ] && kill -"$1" -- -"$P" 2>/dev/null; [ "$1" = KILL ] || return 0; '
     'for p in $(tagged); do kill -"$1" "$p" 2>/dev/null; done; }; '
 )
 

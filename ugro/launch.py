@@ -438,6 +438,10 @@ class NodeLog:
         m = TORCHRUN_RANK.match(line)
         prefix = f"{self.node} r{m.group(1)}" if m else f"{self.node}   "
         text = line[m.end():] if m else line
+        if m and "[rank" in text:
+            # torchrun's tee reads a rank's file mid-line at times and prefixes
+            # the rest of the line again: "step 1[rank0]:0 ..." is "step 10 ...".
+            text = text.replace(m.group(0), "")
         if self.failed_rank is None:
             fm = FAILED_RANK.match(text)
             if fm:
@@ -499,8 +503,7 @@ class Monitor:
 
     def _watch(self, session: Session, killer: Session, node: Node, logs_dir: Path):
         sink = NodeLog(logs_dir / f"{node.name}.log", node.name)
-        answer: Answer = session.run(node, commands.watch_job(node, self.job_id),
-                                     hide=False, out_stream=sink, err_stream=sink)
+        answer: Answer = session.stream(node, commands.watch_job(node, self.job_id), sink)
         sink.close()
         code = sink.exit or ("lost" if answer.error else "unknown")
         if code != "0":
