@@ -143,7 +143,8 @@ def watch_job(node: Node, job_id: str, poll: float = 1.0) -> str:
     """Stream the job's output from the start through its exit marker.
 
     The marker carries the exit code, `killed` when the group died without
-    writing one (a background check appends that marker for it), or
+    writing one (a background check appends the marker when the group is gone
+    and its wrapper did not), or
     `missing` when the job never started here. Reading stops at the marker,
     never at a timeout, so no line is lost however far behind the reader is.
     """
@@ -157,8 +158,9 @@ def watch_job(node: Node, job_id: str, poll: float = 1.0) -> str:
         f"    sleep {poll}; "
         "  done; "
         "  sleep 0.5; "
-        "  grep -q \"^$(printf '\\036')UGRO_EXIT\" \"$D/output.log\" 2>/dev/null || "
-        "    printf '\\n\\036UGRO_EXIT killed\\n' >>\"$D/output.log\"; "
+        "  grep -q \"^$(printf '\\036')UGRO_EXIT\" \"$D/output.log\" 2>/dev/null || { "
+        '    C=$(cat "$D/exit_code" 2>/dev/null) || C=killed; '
+        "    printf '\\n\\036UGRO_EXIT %s\\n' \"${C:-killed}\" >>\"$D/output.log\"; }; "
         "} </dev/null >/dev/null 2>&1 & W=$!; "
         # Through a fifo, not a pipe: a pipe would leave `tail -F` waiting for
         # more output after sed has stopped at the marker.

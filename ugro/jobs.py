@@ -128,7 +128,7 @@ class Jobs:
         if not self.root.is_dir():
             return []
         ids = [p.name for p in self.root.iterdir() if (p / "metadata.json").exists()]
-        return sorted(ids, key=_started_key, reverse=True)
+        return sorted(ids, key=started_key, reverse=True)
 
     def find(self, name_or_id: str) -> str:
         """A job id by exact id, or the latest job with that name."""
@@ -160,7 +160,7 @@ def job_name(job_id: str) -> str:
     return re.sub(r"_\d{8}_\d{6}(_\d+)?$", "", job_id)
 
 
-def _started_key(job_id: str) -> str:
+def started_key(job_id: str) -> str:
     m = re.search(r"_(\d{8}_\d{6})(?:_(\d+))?$", job_id)
     if not m:
         return ""

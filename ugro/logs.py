@@ -24,7 +24,7 @@ from . import commands
 from .cluster import Session
 from .config import Cluster
 from .errors import UgroError
-from .jobs import ACTIVE, NAME_RE, TERMINAL, Jobs, job_name, now
+from .jobs import ACTIVE, NAME_RE, TERMINAL, Jobs, job_name, now, started_key
 from .launch import NodeLog
 
 LINE_RE = re.compile(r"^(?P<node>\S+) +(?:r(?P<rank>\d+) +)?\| ?(?P<text>.*)$")
@@ -143,14 +143,18 @@ def fetch(jobs: Jobs, cluster: Cluster, job_id: str, nodes: list[str]) -> dict[s
 
 # -- a node's own job directories (`fab -H node logs`) --------------------------
 def host_jobs(listing: str) -> list[str]:
-    """Job ids from `commands.node_job_dirs` output, in its order (newest first)."""
+    """Job ids from `commands.node_job_dirs` output, newest first.
+
+    Ordered by the start time in the id; a directory's mtime moves whenever a
+    job writes its exit code, so it would put the last job to *end* first.
+    """
     ids = []
     for line in listing.splitlines():
         parts = line.strip().split("/")
         if len(parts) == 5 and parts[:2] == ["data", "experiments"] and parts[3] == "nodes":
             if NAME_RE.match(parts[2]) and parts[2] not in ids:
                 ids.append(parts[2])
-    return ids
+    return sorted(ids, key=started_key, reverse=True)
 
 
 def pick_host_job(ids: list[str], wanted: str | None, node: str) -> str:
