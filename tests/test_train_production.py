@@ -438,3 +438,34 @@ def test_resume_refuses_a_checkpoint_of_another_adapter_shape(first_epoch, tiny,
     assert_one_error_line(refused, f"--resume: {tmp_path / 'checkpoints' / 'epoch_1'} was "
                                    "trained with lora_r=16, this run asks for lora_r=8")
     assert (tmp_path / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.lab
+def test_inv_launch_runs_it_on_two_lab_nodes(tiny, lab, inv, tmp_path):
+    """The production script through `inv launch`, torchrun over two sshd lab nodes."""
+    nodes = lab.nodes[:2]
+    overrides = {}
+    for node in nodes:
+        project = tmp_path / f"{node.name}-project"
+        for part in ("scripts", "config"):
+            shutil.copytree(ROOT / part, project / part)
+        overrides[node.name] = {"project_path": str(project), "env": {
+            "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    cluster = lab.cluster_file(tmp_path / "lab.yaml", nodes, node_overrides=overrides)
+    r = inv("launch", "--name", "lora", "--script", "scripts/train_production.py",
+            "--nproc-per-node", "1", "--epochs", "1", "--model", str(tiny / "model"),
+            "--dataset", str(tiny / "data.txt"), "--script-args",
+            " ".join([*SMALL, "--max-steps", "4", "--no-tensorboard"]),
+            cluster=cluster, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    (job,) = (inv.data / "experiments").iterdir()
+    assert json.loads((job / "metadata.json").read_text())["status"] == "COMPLETED"
+    metrics = read_metrics(job / "metrics.jsonl")
+    assert metrics and all(math.isfinite(m["loss"]) for m in metrics)
+    assert "falls back to full precision" in r.stdout or "float32" in r.stdout
+    adapters = [p for node in nodes for p in
+                (tmp_path / f"{node.name}-project" / "data/experiments" / job.name
+                 / "checkpoints").glob("epoch_1/adapter_config.json")]
+    assert len(adapters) == 1  # rank 0's node holds the adapter

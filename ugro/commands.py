@@ -139,36 +139,42 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str]) -> 
     )
 
 
-def watch_job(node: Node, job_id: str, poll: float = 1.0) -> str:
+def watch_job(node: Node, job_id: str, poll: float = 0.2) -> str:
     """Stream the job's output from the start through its exit marker.
 
     The marker carries the exit code, `killed` when the group died without
-    writing one (a background check appends the marker when the group is gone
-    and its wrapper did not), or
-    `missing` when the job never started here. Reading stops at the marker,
-    never at a timeout, so no line is lost however far behind the reader is.
+    writing one, or `missing` when the job never started here. The loop sends
+    whatever the file gained since the last round in one piece (few, large SSH
+    packets, whatever the line rate) and stops only once it has sent the
+    marker, so no line is lost however far behind the reader is. When the
+    group is gone and its wrapper wrote no marker, the loop appends one.
     """
     d = node_job_dir(node, job_id)
+    f = '"$D/output.log"'
     return in_project(
         node,
         f"D={q(d)}; "
         'if [ ! -e "$D/pgid" ]; then printf "\\036UGRO_EXIT missing\\n"; exit 0; fi; '
-        'P=$(cat "$D/pgid")' + _ALIVE + "\n"
-        "{ while alive; do "
-        f"    sleep {poll}; "
-        "  done; "
-        "  sleep 0.5; "
-        "  grep -q \"^$(printf '\\036')UGRO_EXIT\" \"$D/output.log\" 2>/dev/null || { "
-        '    C=$(cat "$D/exit_code" 2>/dev/null) || C=killed; '
-        "    printf '\\n\\036UGRO_EXIT %s\\n' \"${C:-killed}\" >>\"$D/output.log\"; }; "
-        "} </dev/null >/dev/null 2>&1 & W=$!; "
-        # Through a fifo, not a pipe: a pipe would leave `tail -F` waiting for
-        # more output after sed has stopped at the marker.
-        'F=$(mktemp -u "${TMPDIR:-/tmp}/ugro-watch.XXXXXX") && mkfifo "$F" || exit 1; '
-        'tail -n +1 -F "$D/output.log" 2>/dev/null >"$F" & T=$!; '
-        # sed -u: line by line both ways (mawk would wait to fill its input buffer).
-        "sed -u \"/^$(printf '\\036')UGRO_EXIT/q\" <\"$F\"; "
-        'kill $T $W 2>/dev/null; rm -f "$F"; true',
+        'P=$(cat "$D/pgid"); M=$(printf "\\036")UGRO_EXIT' + _ALIVE + "\n"
+        "off=0; end=0; "
+        "while :; do "
+        # Decide "finished" before measuring: what was written before it is sent below.
+        '  [ -e "$D/exit_code" ] || ! alive && end=$((end+1)); '
+        f"  size=$(wc -c <{f} 2>/dev/null || echo 0); "
+        f'  if [ "$size" -gt "$off" ]; then tail -c +$((off+1)) {f} | head -c $((size-off)); '
+        "    off=$size; fi; "
+        '  if [ $end -gt 0 ]; then '
+        # The marker must be among the bytes already sent, not just in the file.
+        "    s0=$((size-39)); [ $s0 -lt 1 ] && s0=1; "
+        f'    tail -c +$s0 {f} 2>/dev/null | head -c $((size-s0+1)) | grep -q "$M" && break; '
+        # Gone without a marker (killed, or died between exit code and marker):
+        # write it after a moment's grace for a wrapper still finishing.
+        '    if [ $end -gt 3 ] && ! alive; then '
+        '      C=$(cat "$D/exit_code" 2>/dev/null) || C=killed; '
+        f"      printf '\\n%s %s\\n' \"$M\" \"${{C:-killed}}\" >>{f}; fi; "
+        "  fi; "
+        f"  sleep {poll}; "
+        "done",
     )
 
 

@@ -309,7 +309,7 @@ def wait_for_ranks(jobs: Jobs, cluster: Cluster, job_id: str, timeout: float = 3
                     seen.setdefault(n.name, "not all ranks started yet")
                 break
             time.sleep(poll)
-    return seen
+    return {n.name: seen[n.name] for n in nodes}  # node order, whoever was first
 
 
 def spawn_supervisor(jobs: Jobs, cluster: Cluster, job_id: str) -> int:
