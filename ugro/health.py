@@ -17,8 +17,7 @@ from .cluster import Session, fan_out
 from .config import Cluster, Node
 
 PROBE_PREFIX = "UGRO_PROBE "
-MIB = 1024 * 1024
-GIB = 1024 * MIB
+GIB = 1024 ** 3
 
 
 @dataclass(frozen=True)

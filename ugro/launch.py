@@ -486,10 +486,8 @@ class Monitor:
         with Session(self.cluster) as session:
             # A second session for kills: the first is busy streaming.
             with Session(self.cluster) as killer:
-                results = fan_out(self.nodes, lambda n: self._watch(session, killer, n,
-                                                                    logs_dir))
+                codes = fan_out(self.nodes, lambda n: self._watch(session, killer, n, logs_dir))
             self._fetch_outputs(session)
-        codes = {name: code for name, (code, _) in results.items()}
         node_facts = {name: {"exit_code": _as_int(code),
                              "status": "completed" if code == "0" else "failed"}
                       for name, code in codes.items()}
@@ -501,14 +499,15 @@ class Monitor:
         # Only a cancel ends nodes non-zero without a recorded failure.
         return self.jobs.finish(self.job_id, CANCELLED, nodes=node_facts)
 
-    def _watch(self, session: Session, killer: Session, node: Node, logs_dir: Path):
+    def _watch(self, session: Session, killer: Session, node: Node, logs_dir: Path) -> str:
+        """Stream one node's output home until it ends; its exit code (or why none)."""
         sink = NodeLog(logs_dir / f"{node.name}.log", node.name)
         answer: Answer = session.stream(node, commands.watch_job(node, self.job_id), sink)
         sink.close()
         code = sink.exit or ("lost" if answer.error else "unknown")
         if code != "0":
             self._failed(killer, node, code, sink, answer.error)
-        return code, sink
+        return code
 
     def _failed(self, killer: Session, node: Node, code: str, sink: NodeLog, error):
         with self.lock:

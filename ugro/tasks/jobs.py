@@ -11,7 +11,7 @@ from invoke.exceptions import Exit
 from .. import launch as launch_mod
 from ..cluster import Session
 from ..errors import UgroError
-from ..jobs import COMPLETED, Jobs, validate_name
+from ..jobs import ACTIVE, COMPLETED, Jobs, validate_name
 from .common import ROOT, cli, cluster_of, project_path
 
 
@@ -57,14 +57,14 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
            script=None, nodes=None, nproc_per_node=None, detach=False, resume=False,
            script_args=None, sync=False):
     """Run a distributed torchrun training job on the cluster's nodes."""
+    defaults = launch_defaults(c)
     cfg = launch_mod.LaunchConfig.from_options(
-        launch_defaults(c), name=name, epochs=epochs, lr=lr, model=model, dataset=dataset,
+        defaults, name=name, epochs=epochs, lr=lr, model=model, dataset=dataset,
         batch_size=batch_size, script=script, nodes=nodes, nproc_per_node=nproc_per_node,
         detach=detach, resume=resume, script_args=script_args,
     )
     cluster = cluster_of(c)
     jobs = jobs_of(c)
-    defaults = launch_defaults(c)
     if sync or defaults.get("sync", False):
         from .. import sync as sync_mod
 
@@ -104,7 +104,7 @@ def cancel(c, name, grace=3.0):
     job_id = jobs.find(name)
     before = jobs.metadata(job_id)["status"]
     meta = launch_mod.cancel(jobs, cluster_of(c), job_id, float(grace))
-    if before not in ("PENDING", "RUNNING"):
+    if before not in ACTIVE:
         print(f"job {job_id} already ended: {before}")
         return
     for node, facts in meta["nodes"].items():

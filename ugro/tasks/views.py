@@ -43,6 +43,16 @@ def count(option: str, value) -> int | None:
     return number
 
 
+def show(view, text, as_json: bool, notes: list[str]) -> None:
+    """Print a view as JSON or as `text(view)`, then the notes on stderr."""
+    if as_json:
+        print_json(view)
+    else:
+        print(text(view))
+    for line in notes:
+        note(line)
+
+
 def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
     """`launch.reconcile` each active job among these (one whose supervisor died is brought in
     line with its nodes); returns a note for each that could not be."""
@@ -154,12 +164,7 @@ def results(c, job, json=False):
     path, plot_note = views.plot_loss(rec.points, jobs.dir(job_id) / "artifacts" / "loss.png",
                                       job_id)
     view["plot"] = {"path": str(path) if path else None, "note": plot_note}
-    if json:
-        print_json(view)
-    else:
-        print(views.results_text(view))
-    for line in notes:
-        note(line)
+    show(view, views.results_text, json, notes)
 
 
 @task(name="jobs", help={
@@ -179,12 +184,7 @@ def list_jobs(c, name=None, status=None, json=False):
     notes = reconcile(c, jobs, ids)
     now = views.utcnow()
     rows = views.filter_rows([views.job_row(views.load(jobs, j), now) for j in ids], status)
-    if json:
-        print_json(rows)
-    else:
-        print(views.jobs_text(rows))
-    for line in notes:
-        note(line)
+    show(rows, views.jobs_text, json, notes)
 
 
 @task(positional=["first", "second"], help={
@@ -202,12 +202,7 @@ def compare(c, first, second, json=False):
         raise UgroError(f"compare needs two different jobs; {', '.join(wanted)} are all {ids[0]}")
     notes = reconcile(c, jobs, ids)
     view = views.compare([views.load(jobs, j) for j in ids], views.utcnow())
-    if json:
-        print_json(view)
-    else:
-        print(views.compare_text(view))
-    for line in notes:
-        note(line)
+    show(view, views.compare_text, json, notes)
 
 
 # -- status ----------------------------------------------------------------------
@@ -238,10 +233,7 @@ def status(c, refresh=False, json=False):
         notes.append(damaged)
     running = [views.load(jobs, j) for j in jobs.active()]
     view = views.status(state, running, history, views.utcnow(), fresh, notes)
-    if json:
-        print_json(view)
-    else:
-        print(views.status_text(view))
+    show(view, views.status_text, json, [])  # status shows its notes itself
 
 
 ns = Collection(logs, results, status, list_jobs, compare)
