@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ugro import commands
+from ugro import commands, procs
 from ugro.commands import (
     EXIT_MARKER,
     job_state,
@@ -224,19 +224,6 @@ def reap():
             pass
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in a process group, read from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[2] == str(pgid) and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
 def start(node: Node, job_id: str, argv: list[str], reap: list[int], env=None) -> int:
     out = sh(start_job(node, job_id, argv, env or {}))
     assert out.returncode == 0, out.stderr
@@ -247,7 +234,7 @@ def start(node: Node, job_id: str, argv: list[str], reap: list[int], env=None) -
 
 def test_start_state_kill(local, job_id, reap):
     pgid = start(local, job_id, ["sh", "-c", "echo hi; sleep 30"], reap)
-    assert group_members(pgid)
+    assert procs.group(pgid)
     assert sh(job_state(local, job_id)).stdout == f"pgid={pgid} exit= alive=1\n"
 
     again = sh(start_job(local, job_id, ["sh", "-c", "echo hi; sleep 30"], {}))
@@ -257,7 +244,7 @@ def test_start_state_kill(local, job_id, reap):
     stopped = sh(kill_job(local, job_id, grace=2))
     assert stopped.stdout == "stopped\n"
     assert sh(job_state(local, job_id)).stdout == f"pgid={pgid} exit= alive=0\n"
-    assert group_members(pgid) == []
+    assert procs.group(pgid) == []
 
     d = Path(local.project_path) / node_job_dir(local, job_id)
     assert (d / "output.log").read_text() == "hi\n"
@@ -294,7 +281,7 @@ def test_hostile_values_reach_the_job_verbatim(tmp_path, job_id, reap):
     assert log == f"{env['A']}|{env['B']}|{env['C']}|`touch pwned2`\n\n{EXIT_MARKER} 0\n"
     assert not (tmp_path / "pwned").exists()
     assert not (project / "pwned2").exists()
-    assert group_members(pgid) == []
+    assert procs.group(pgid) == []
 
 
 def test_kill_all_jobs_stops_only_running_jobs(local, reap):
@@ -307,5 +294,5 @@ def test_kill_all_jobs_stops_only_running_jobs(local, reap):
     assert exit_code.read_text() == "0\n"
     pgid = start(local, running, ["sh", "-c", "sleep 30"], reap)
     assert sh(kill_all_jobs(local, grace=2)).stdout == f"{running} stopped\n"
-    assert group_members(pgid) == []
+    assert procs.group(pgid) == []
     assert sh(kill_all_jobs(local, grace=2)).stdout == ""

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from ugro import procs
+
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 FAST = "--steps-per-epoch 6 --log-every 2"
@@ -21,18 +23,7 @@ FAST = "--steps-per-epoch 6 --log-every 2"
 
 def tagged_pids(job_id: str) -> list[int]:
     """Processes on this machine (every lab node lives here) tagged with the job id."""
-    tag = f"UGRO_JOB_ID={job_id}".encode()
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                env = (d / "environ").read_bytes().split(b"\0")
-                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                continue
-            if tag in env and state != "Z":
-                pids.append(int(d.name))
-    return pids
+    return procs.tagged(b"UGRO_JOB_ID", job_id.encode())
 
 
 def wait_for(predicate, timeout=60.0, every=0.1):
@@ -190,7 +181,7 @@ def test_unreachable_node_fails_preflight(inv, cluster, lab):
 def test_killed_supervisor_is_reconciled_from_the_nodes(inv, cluster, lab):
     from ugro.config import load_cluster
     from ugro.jobs import Jobs
-    from ugro.launch import reconcile
+    from ugro.lifecycle import reconcile
 
     inv("launch", "--name", "orphan", "--nproc-per-node", "1", "--detach", "--script-args",
         "--steps-per-epoch 4", cluster=cluster, check=0)

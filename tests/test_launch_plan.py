@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from ugro.backends.ssh import SSHBackend
 from ugro.config import load_cluster, parse_cluster
 from ugro.errors import UgroError
-from ugro.launch import LaunchConfig, NodeLog, plan
+from ugro.logs import NodeLog
+from ugro.plan import LaunchConfig, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +38,7 @@ def test_homelab_plan_works_out_ranks_and_rendezvous(homelab):
     ]
     assert "is_host=1" in plans[0].argv
     assert plans[1].env["NCCL_SOCKET_IFNAME"] == "eno1"
-    command = plans[1].command_line("exp1_20260120_120000")
+    command = SSHBackend(homelab).command_line("exp1_20260120_120000", plans[1])
     assert command.startswith("cd /home/ob/projects/UGRO || exit 1; ")
     assert "UGRO_JOB_ID=exp1_20260120_120000" in command
 

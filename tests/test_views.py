@@ -25,6 +25,7 @@ from ugro.config import Node
 from ugro.errors import UgroError
 from ugro.jobs import Jobs
 from ugro.metrics import parse_jsonl
+from ugro.state import JobStatus
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 T0 = "2026-03-01T11:00:00.000+00:00"
@@ -109,30 +110,30 @@ def test_resolve_by_id_name_and_unique_prefix(jobs):
     make_job(jobs.data_dir, "exp1_20260301_100000")
     make_job(jobs.data_dir, "exp1_20260301_110000")
     make_job(jobs.data_dir, "other_20260301_090000")
-    assert views.resolve(jobs, "exp1_20260301_100000") == "exp1_20260301_100000"
-    assert views.resolve(jobs, "exp1") == "exp1_20260301_110000"  # the latest of that name
-    assert views.resolve(jobs, "oth") == "other_20260301_090000"
-    assert views.resolve(jobs, "exp1_20260301_10") == "exp1_20260301_100000"
+    assert jobs.find("exp1_20260301_100000") == "exp1_20260301_100000"
+    assert jobs.find("exp1") == "exp1_20260301_110000"  # the latest of that name
+    assert jobs.find("oth") == "other_20260301_090000"
+    assert jobs.find("exp1_20260301_10") == "exp1_20260301_100000"
 
 
 def test_resolve_ambiguous_lists_the_candidates(jobs):
     make_job(jobs.data_dir, "exp1_20260301_100000")
     make_job(jobs.data_dir, "exp2_20260301_110000")
     with pytest.raises(UgroError, match=r"'exp' is ambiguous: it could be exp1, exp2"):
-        views.resolve(jobs, "exp")
+        jobs.find("exp")
     make_job(jobs.data_dir, "exp1_20260301_100000_2")
     with pytest.raises(UgroError, match=r"exp1_20260301_100000_2, exp1_20260301_100000$"):
-        views.resolve(jobs, "exp1_20260301_1000")
+        jobs.find("exp1_20260301_1000")
 
 
 def test_resolve_unknown_names_the_closest_and_bad_names_are_refused(jobs):
     make_job(jobs.data_dir, "baseline_20260301_100000")
     with pytest.raises(UgroError, match="no job named 'baselin3'; did you mean: baseline"):
-        views.resolve(jobs, "baselin3")
+        jobs.find("baselin3")
     with pytest.raises(UgroError, match="invalid job name"):
-        views.resolve(jobs, "../etc")
+        jobs.find("../etc")
     with pytest.raises(UgroError, match="required"):
-        views.resolve(jobs, None)
+        jobs.find(None)
 
 
 # --- loading, with damage --------------------------------------------------------------
@@ -457,7 +458,7 @@ def test_follow_streams_until_the_job_ends(jobs):
             f.flush()
             time.sleep(0.3)
             f.write(" a line\n")
-        jobs.update(job_id, lambda m: m.update(status="COMPLETED"))
+        jobs.finish(job_id, JobStatus.COMPLETED)
 
     writer = threading.Thread(target=training)
     writer.start()

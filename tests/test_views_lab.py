@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -39,7 +40,8 @@ class Ran:
         return self._run([sys.executable, "-m", "invoke", *args], check, timeout)
 
     def fab(self, *args, check: int | None = 0):
-        return self._run(["fab", *args], check, 60)
+        # The venv's own fab: a fresh machine has none on PATH.
+        return self._run([str(Path(sys.executable).parent / "fab"), *args], check, 60)
 
     def _run(self, argv, check, timeout):
         r = subprocess.run(argv, cwd=ROOT, env=self.env, capture_output=True, text=True,

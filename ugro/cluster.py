@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from invoke import Context
 
+from . import store
 from .config import Cluster, Node
 from .errors import UgroError
 
@@ -302,10 +303,9 @@ def trust_hosts(cluster: Cluster, nodes: Iterable[Node], replace: bool = False) 
     path.parent.mkdir(parents=True, exist_ok=True)
     if replaced:
         # Rewriting drops the old key; everything else in the file is kept.
-        tmp = path.with_name(path.name + ".ugro-tmp")
-        hostkeys.save(str(tmp))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        with store.replacing(path) as tmp:
+            hostkeys.save(str(tmp))
+            os.chmod(tmp, 0o600)
     elif added:
         # Appending leaves the user's own known_hosts lines exactly as they were.
         with path.open("a") as f:

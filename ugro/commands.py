@@ -15,6 +15,10 @@ from .config import Node
 
 PROBE_SOURCE = (Path(__file__).parent / "node_probe.py").read_text()
 EXIT_MARKER = "\x1eUGRO_EXIT"  # record separator: never part of a training log line
+# The marker as printf writes it, and how far from a file's end its line can start
+# (newline, marker, space, an exit code or `killed`/`missing`, newline).
+_MARKER_PRINTF = EXIT_MARKER.replace("\x1e", "\\036")
+_MARKER_SPAN = len(EXIT_MARKER) + 30
 
 
 def q(value) -> str:
@@ -49,7 +53,7 @@ def probe(node: Node, deep: bool = False) -> str:
 
 def node_job_dir(node: Node, job_id: str) -> str:
     """A node's own directory for a job, relative to its project path."""
-    return f"data/experiments/{job_id}/nodes/{node.name}"
+    return job_path(job_id, f"nodes/{node.name}")
 
 
 # The group-liveness test is zombie-safe: a finished group leader whose parent
@@ -124,7 +128,7 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str]) -> 
         'echo $$ >"$0/pgid.tmp" && mv "$0/pgid.tmp" "$0/pgid"; '
         '"$@" >"$0/output.log" 2>&1 </dev/null; c=$?; '
         'echo $c >"$0/exit_code.tmp"; mv "$0/exit_code.tmp" "$0/exit_code"; '
-        "printf '\\n\\036UGRO_EXIT %s\\n' $c >>\"$0/output.log\""
+        f"printf '\\n{_MARKER_PRINTF} %s\\n' $c >>\"$0/output.log\""
     )
     return in_project(
         node,
@@ -154,8 +158,8 @@ def watch_job(node: Node, job_id: str, poll: float = 0.2) -> str:
     return in_project(
         node,
         f"D={q(d)}; "
-        'if [ ! -e "$D/pgid" ]; then printf "\\036UGRO_EXIT missing\\n"; exit 0; fi; '
-        'P=$(cat "$D/pgid"); M=$(printf "\\036")UGRO_EXIT' + _ALIVE + "\n"
+        f'if [ ! -e "$D/pgid" ]; then printf "{_MARKER_PRINTF} missing\\n"; exit 0; fi; '
+        f'P=$(cat "$D/pgid"); M=$(printf "{_MARKER_PRINTF}")' + _ALIVE + "\n"
         "off=0; end=0; "
         "while :; do "
         # Decide "finished" before measuring: what was written before it is sent below.
@@ -165,7 +169,7 @@ def watch_job(node: Node, job_id: str, poll: float = 0.2) -> str:
         "    off=$size; fi; "
         '  if [ $end -gt 0 ]; then '
         # The marker must be among the bytes already sent, not just in the file.
-        "    s0=$((size-39)); [ $s0 -lt 1 ] && s0=1; "
+        f"    s0=$((size-{_MARKER_SPAN})); [ $s0 -lt 1 ] && s0=1; "
         f'    tail -c +$s0 {f} 2>/dev/null | head -c $((size-s0+1)) | grep -q "$M" && break; '
         # Gone without a marker (killed, or died between exit code and marker):
         # write it after a moment's grace for a wrapper still finishing.
@@ -222,6 +226,20 @@ def ranks_started(node: Node, job_id: str) -> str:
 
 def read_file(node: Node, relpath: str) -> str:
     return in_project(node, f"cat {q(relpath)}")
+
+
+def job_path(job_id: str, relpath: str = "") -> str:
+    """A path in a job's output directory on a node (the script's checkpoints, metrics)."""
+    return f"data/experiments/{job_id}" + (f"/{relpath}" if relpath else "")
+
+
+def list_files(node: Node, relpath: str) -> str:
+    """Print the names in a project directory, one a line; nothing when it does not exist."""
+    return in_project(node, f"{{ ls -1 {q(relpath)} 2>/dev/null || true; }}")
+
+
+def make_project_dirs(node: Node) -> str:
+    return f"mkdir -p {rpath(node.project_path)}/data/experiments"
 
 
 def listening_ports(node: Node) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import commands, store
 from .cluster import Session, fan_out
 from .config import Cluster, Node
+from .wording import differs, group_by
 
 PROBE_PREFIX = "UGRO_PROBE "
 GIB = 1024 ** 3
@@ -183,16 +184,10 @@ DRIFT_FIELDS = ("python", "torch", "torch_cuda", "driver")
 
 def drift(reports: list[NodeHealth]) -> list[str]:
     """One line per version that differs across the nodes that answered."""
-    lines = []
     answered = [r for r in reports if r.hostname]
-    for name in DRIFT_FIELDS:
-        values: dict[str, list[str]] = {}
-        for r in answered:
-            values.setdefault(str(getattr(r, name)), []).append(r.node)
-        if len(values) > 1:
-            parts = "; ".join(f"{v} on {', '.join(ns)}" for v, ns in values.items())
-            lines.append(f"{name} differs: {parts}")
-    return lines
+    lines = (differs(name, group_by((r.node, str(getattr(r, name))) for r in answered))
+             for name in DRIFT_FIELDS)
+    return [line for line in lines if line]
 
 
 def _gpu_cell(h: NodeHealth) -> str:

@@ -6,11 +6,14 @@ Layout of one job directory:
     logs/<node>.log the node's output, each line prefixed with node and rank
     metrics.jsonl   rank 0's metrics; checkpoints/, artifacts/
 `data/job_history.jsonl` gets one line per finished job.
+
+Every change of a job's state is one method here (`begin`, `mark_running`,
+`request_cancel`, `finish`, ...), each a read-modify-write of `metadata.json`
+under the job's lock.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Callable
@@ -20,13 +23,10 @@ from typing import Any
 
 from . import store
 from .errors import UgroError
+from .state import Failure, JobStatus, NodeStatus, is_active, is_terminal
+from .wording import suggestion
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = (
-    "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED",
-)
-ACTIVE = (PENDING, RUNNING)
-TERMINAL = (COMPLETED, FAILED, CANCELLED)
 
 
 def now() -> str:
@@ -70,7 +70,7 @@ class Jobs:
             return job_id
         raise UgroError(f"too many jobs named {name} in one second")
 
-    # -- metadata -----------------------------------------------------------
+    # -- reading ------------------------------------------------------------
     def metadata(self, job_id: str) -> dict:
         path = self.dir(job_id) / "metadata.json"
         try:
@@ -80,47 +80,89 @@ class Jobs:
         except ValueError as exc:
             raise UgroError(f"job {job_id}: metadata.json is damaged ({exc})") from None
 
-    def write_metadata(self, job_id: str, meta: dict) -> None:
-        store.write_json(self.dir(job_id) / "metadata.json", meta)
-
-    def update(self, job_id: str, change: Callable[[dict], Any]) -> dict:
-        """Read-modify-write metadata under the job's lock; returns the new metadata."""
-        with store.locked(self.dir(job_id) / ".lock"):
-            meta = self.metadata(job_id)
-            change(meta)
-            self.write_metadata(job_id, meta)
-            return meta
-
-    def finish(self, job_id: str, status: str, **fields) -> dict:
-        """Move a job to a final status once; a job already final keeps its status.
-
-        `inv cancel` and the supervisor may both finish the same job: whoever is
-        first decides the status, the other only adds its per-node facts.
-        """
-        first = []
-
-        def change(meta):
-            for key, value in fields.items():
-                if key == "nodes":
-                    for name, facts in value.items():
-                        meta["nodes"].setdefault(name, {}).update(facts)
-                elif meta["status"] not in TERMINAL or key not in meta:
-                    meta[key] = value
-            if meta["status"] not in TERMINAL:
-                meta["status"] = status
-                meta["ended_at"] = now()
-                first.append(True)
-
-        meta = self.update(job_id, change)
-        if first:
-            store.append_json(self.history, history_line(meta))
-        return meta
+    def status(self, job_id: str) -> JobStatus | None:
+        return JobStatus.parse(self.metadata(job_id).get("status"))
 
     def config(self, job_id: str) -> dict:
         try:
             return store.read_json(self.dir(job_id) / "config.json")
         except (FileNotFoundError, ValueError) as exc:
             raise UgroError(f"job {job_id}: config.json unreadable ({exc})") from None
+
+    # -- transitions --------------------------------------------------------
+    def begin(self, job_id: str, name: str, *, cluster_file: str, world_size: int, master: str,
+              nodes: dict[str, dict]) -> dict:
+        """The first record of a job: PENDING, each node `starting` with its rank and rank count."""
+        meta = {
+            "job_id": job_id, "name": name, "status": JobStatus.PENDING,
+            "created_at": now(), "started_at": None, "ended_at": None,
+            "cluster_file": cluster_file, "world_size": world_size, "master": master,
+            "nodes": {node: {**facts, "status": NodeStatus.STARTING, "pgid": None,
+                             "exit_code": None} for node, facts in nodes.items()},
+        }
+        store.write_json(self.dir(job_id) / "metadata.json", meta)
+        return meta
+
+    def mark_running(self, job_id: str, pgids: dict[str, int]) -> dict:
+        """RUNNING from now; these nodes' process groups started."""
+        def change(meta):
+            meta["status"] = JobStatus.RUNNING
+            meta["started_at"] = now()
+            for name, pgid in pgids.items():
+                meta["nodes"][name].update(status=NodeStatus.RUNNING, pgid=pgid)
+
+        return self._update(job_id, change)
+
+    def set_supervisor(self, job_id: str, pid: int) -> dict:
+        return self._update(job_id, lambda meta: meta.update(supervisor_pid=pid))
+
+    def request_cancel(self, job_id: str) -> dict:
+        """Note that a cancel was asked for (the first time only): the supervisor then records
+        the nodes' non-zero exits as the cancel's doing, not as a failure."""
+        return self._update(job_id, lambda meta: meta.setdefault("cancel_requested_at", now()))
+
+    def note_nodes(self, job_id: str, facts: dict[str, dict]) -> dict:
+        """Add facts about nodes (checkpoints they hold, when their log was fetched)."""
+        def change(meta):
+            for name, more in facts.items():
+                meta["nodes"].setdefault(name, {}).update(more)
+
+        return self._update(job_id, change)
+
+    def finish(self, job_id: str, status: JobStatus, *, failure: Failure | None = None,
+               error: str | None = None, nodes: dict[str, dict] | None = None) -> dict:
+        """Move a job to a final status once; a job already final keeps its status.
+
+        `inv cancel` and the supervisor may both finish the same job: whoever is
+        first decides the status, the other only adds its per-node facts.
+        """
+        assert status.is_terminal(), status
+        first = []
+
+        def change(meta):
+            for name, facts in (nodes or {}).items():
+                meta["nodes"].setdefault(name, {}).update(facts)
+            if is_terminal(meta.get("status")):
+                return
+            meta["status"] = status
+            meta["ended_at"] = now()
+            if failure is not None:
+                meta["failure"] = failure.as_dict()
+            if error is not None:
+                meta["error"] = error
+            first.append(True)
+
+        meta = self._update(job_id, change)
+        if first:
+            store.append_json(self.history, history_line(meta))
+        return meta
+
+    def _update(self, job_id: str, change: Callable[[dict], Any]) -> dict:
+        with store.locked(self.dir(job_id) / ".lock"):
+            meta = self.metadata(job_id)
+            change(meta)
+            store.write_json(self.dir(job_id) / "metadata.json", meta)
+            return meta
 
     # -- finding jobs -------------------------------------------------------
     def ids(self) -> list[str]:
@@ -130,26 +172,41 @@ class Jobs:
         ids = [p.name for p in self.root.iterdir() if (p / "metadata.json").exists()]
         return sorted(ids, key=started_key, reverse=True)
 
-    def find(self, name_or_id: str) -> str:
-        """A job id by exact id, or the latest job with that name."""
-        validate_name(name_or_id)
-        if (self.dir(name_or_id) / "metadata.json").exists():
-            return name_or_id
+    def find(self, text: str | None) -> str:
+        """A job id from what the user typed: an id, a name (its latest job), or a unique prefix.
+
+        Every task finds jobs this way. An unknown name raises with the closest
+        matches; a prefix of several names or ids raises with the candidates.
+        """
+        if not text:
+            raise UgroError("a job name or id is required")
+        validate_name(text)
+        if (self.dir(text) / "metadata.json").exists():
+            return text
         ids = self.ids()
-        matches = [j for j in ids if job_name(j) == name_or_id]
-        if matches:
-            return matches[0]
-        names = sorted({job_name(j) for j in ids})
-        close = difflib.get_close_matches(name_or_id, names + ids, n=5, cutoff=0.5)
-        hint = f"; did you mean: {', '.join(close)}" if close else (
-            f"; known jobs: {', '.join(names[:10])}" if names else "; no jobs yet")
-        raise UgroError(f"no job named {name_or_id!r}{hint}")
+        named = [j for j in ids if job_name(j) == text]
+        if named:
+            return named[0]
+        names = sorted({job_name(j) for j in ids if job_name(j).startswith(text)})
+        if len(names) > 1:
+            raise UgroError(f"job {text!r} is ambiguous: it could be {', '.join(names)}")
+        if names:
+            return next(j for j in ids if job_name(j) == names[0])
+        prefixed = [j for j in ids if j.startswith(text)]
+        if len(prefixed) > 1:
+            more = f" and {len(prefixed) - 10} more" if len(prefixed) > 10 else ""
+            raise UgroError(f"job {text!r} is ambiguous: it could be "
+                            f"{', '.join(prefixed[:10])}{more}")
+        if prefixed:
+            return prefixed[0]
+        hint = suggestion(text, sorted({job_name(j) for j in ids}), ids, "known jobs")
+        raise UgroError(f"no job named {text!r}; {hint or 'no jobs yet'}")
 
     def active(self) -> list[str]:
         out = []
         for job_id in self.ids():
             try:
-                if self.metadata(job_id)["status"] in ACTIVE:
+                if is_active(self.metadata(job_id).get("status")):
                     out.append(job_id)
             except UgroError:
                 continue

@@ -9,23 +9,102 @@ copy is missing or stale.
 
 from __future__ import annotations
 
-import difflib
 import json
-import os
 import re
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import commands
-from .cluster import Session
+from . import commands, store
+from .backends import backend_for
 from .config import Cluster
 from .errors import UgroError
-from .jobs import ACTIVE, NAME_RE, TERMINAL, Jobs, job_name, now, started_key
-from .launch import NodeLog
+from .jobs import NAME_RE, Jobs, job_name, now, started_key
+from .state import is_active, is_terminal
+from .wording import suggestion
+
+TORCHRUN_RANK = re.compile(r"^\[rank(\d+)\]:")
+FAILED_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+
+
+class NodeLog:
+    """An output stream for one node: whole lines, prefixed, appended to its log file."""
+
+    def __init__(self, path: Path, node: str):
+        self.node = node
+        self.file = path.open("w")
+        self.buffer = ""
+        self.blank = 0  # blank lines held back: the last one may be the marker's own
+        self.exit: str | None = None
+        self.failed_rank: int | None = None
+        self.lock = threading.Lock()
+
+    def write(self, data: str) -> None:
+        with self.lock:
+            self.buffer += data
+            *lines, self.buffer = self.buffer.split("\n")
+            self._emit(lines)
+
+    def _emit(self, lines: list[str]) -> None:
+        # One write per chunk, whole lines only: a reader never sees half a line.
+        out: list[str] = []
+        for line in lines:
+            self._line(line, out)
+        if out:
+            self.file.write("".join(out))
+            self.file.flush()
+
+    def _line(self, line: str, out: list[str]) -> None:
+        if self.exit is not None:
+            return
+        if line.startswith(commands.EXIT_MARKER):
+            self.exit = line[len(commands.EXIT_MARKER):].strip()
+            self.blank = max(0, self.blank - 1)  # the marker's own leading newline
+            self._blanks(out)
+            return
+        if not line:
+            self.blank += 1
+            return
+        self._blanks(out)
+        m = TORCHRUN_RANK.match(line)
+        prefix = f"{self.node} r{m.group(1)}" if m else f"{self.node}   "
+        text = line[m.end():] if m else line
+        if m and "[rank" in text:
+            # torchrun's tee reads a rank's file mid-line at times and prefixes
+            # the rest of the line again: "step 1[rank0]:0 ..." is "step 10 ...".
+            text = text.replace(m.group(0), "")
+        if self.failed_rank is None:
+            fm = FAILED_RANK.match(text)
+            if fm:
+                self.failed_rank = int(fm.group(1))
+        out.append(f"{prefix} | {text.rstrip(chr(13))}\n")
+
+    def _blanks(self, out: list[str]) -> None:
+        if self.blank:
+            out.append(f"{self.node}    |\n" * self.blank)
+            self.blank = 0
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        with self.lock:
+            self._emit([self.buffer] if self.buffer else [])
+            out: list[str] = []
+            self._blanks(out)
+            if out:
+                self.file.write("".join(out))
+            self.buffer = ""
+            self.file.close()
+
+    def tail(self, n: int = 50) -> list[str]:
+        return Path(self.file.name).read_text(errors="replace").splitlines()[-n:]
+
 
 LINE_RE = re.compile(r"^(?P<node>\S+) +(?:r(?P<rank>\d+) +)?\| ?(?P<text>.*)$")
 
@@ -91,7 +170,7 @@ def stale(meta: dict, logs_dir: Path, nodes: Iterable[str]) -> list[str]:
     more than the supervisor saw; its log is fetched once (`log_fetched_at` records that).
     While a job runs its supervisor writes the copies, so none is stale.
     """
-    if meta.get("status") not in TERMINAL:
+    if not is_terminal(meta.get("status")):
         return []
     out = []
     for node in nodes:
@@ -115,29 +194,22 @@ def fetch(jobs: Jobs, cluster: Cluster, job_id: str, nodes: list[str]) -> dict[s
             targets.append(cluster.node(name))
         except UgroError as exc:
             problems[name] = str(exc)
-    with Session(cluster) as session:
-        answers = session.run_all(targets, lambda n: commands.job_output(n, job_id))
+    with closing(backend_for(cluster)) as backend:
+        outputs = backend.output(targets, job_id)
     fetched = []
-    for name, a in answers.items():
-        if not a.ok:
-            problems[name] = a.error or a.stderr.strip() or f"exit code {a.exited}"
+    for name, out in outputs.items():
+        if out.text is None:
+            problems[name] = out.error
             continue
-        # NodeLog writes as it goes: a temp file renamed over the copy keeps readers whole.
-        fd, tmp = tempfile.mkstemp(dir=logs_dir, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        sink = NodeLog(Path(tmp), name)
-        sink.write(a.stdout)
-        sink.close()
-        os.replace(tmp, logs_dir / f"{name}.log")
+        # NodeLog writes as it goes: written whole beside the copy, then renamed over it.
+        with store.replacing(logs_dir / f"{name}.log") as tmp:
+            sink = NodeLog(tmp, name)
+            sink.write(out.text)
+            sink.close()
         fetched.append(name)
     if fetched:
         stamp = now()
-
-        def mark(meta):
-            for name in fetched:
-                meta.setdefault("nodes", {}).setdefault(name, {})["log_fetched_at"] = stamp
-
-        jobs.update(job_id, mark)
+        jobs.note_nodes(job_id, {name: {"log_fetched_at": stamp} for name in fetched})
     return problems
 
 
@@ -168,11 +240,8 @@ def pick_host_job(ids: list[str], wanted: str | None, node: str) -> str:
     named = [j for j in ids if job_name(j) == wanted]
     if named:
         return named[0]
-    names = sorted({job_name(j) for j in ids})
-    close = difflib.get_close_matches(wanted, names + ids, n=5, cutoff=0.5)
-    hint = ", ".join(close) if close else ", ".join(names[:10])
-    raise UgroError(f"{node}: no job named {wanted!r} here; "
-                    f"{'did you mean' if close else 'jobs here'}: {hint}")
+    hint = suggestion(wanted, sorted({job_name(j) for j in ids}), ids, "jobs here")
+    raise UgroError(f"{node}: no job named {wanted!r} here; {hint}")
 
 
 # -- following -----------------------------------------------------------------
@@ -206,7 +275,7 @@ def follow(jobs: Jobs, job_id: str, out=sys.stdout, nodes: list[str] | None = No
     readers = {n: _Reader(logs / f"{n}.log") for n in names}
     first = True
     while True:
-        active = jobs.metadata(job_id)["status"] in ACTIVE
+        active = is_active(jobs.metadata(job_id).get("status"))
         for node, r in readers.items():
             lines = select((parse_line(raw, node) for raw in r.lines()), rank,
                            tail if first else None)

@@ -30,6 +30,7 @@ from .cluster import Session, fan_out, known_hosts_name
 from .config import Cluster, Node
 from .errors import UgroError
 from .views import human_bytes
+from .wording import differs, group_by
 
 DEFAULT_PATHS = ("scripts", "config", "pixi.toml", "pixi.lock")
 PIXI_FILES = ("pixi.toml", "pixi.lock")
@@ -476,12 +477,6 @@ def _fingerprint(session: Session, node: Node, report: health.NodeHealth) -> Fin
                        env.get("lock"), tuple(packages) if packages is not None else None)
 
 
-def _values_differ(label: str, values: dict[str, list[str]]) -> str | None:
-    if len(values) < 2:
-        return None
-    return f"{label} differs: " + "; ".join(f"{v} on {', '.join(ns)}" for v, ns in values.items())
-
-
 def env_drift(envs: list[NodeEnv], control_locks: dict[str, str | None]) -> list[str]:
     """Every way the fingerprinted nodes differ, one line each, naming the nodes.
 
@@ -491,10 +486,7 @@ def env_drift(envs: list[NodeEnv], control_locks: dict[str, str | None]) -> list
     prints = [(e, e.fingerprint) for e in envs if e.fingerprint is not None]
     lines = []
     for label in ("python", "torch", "cuda", "nccl"):
-        values: dict[str, list[str]] = {}
-        for e, fp in prints:
-            values.setdefault(getattr(fp, label) or "none", []).append(e.node)
-        line = _values_differ(label, values)
+        line = differs(label, group_by((e.node, getattr(fp, label) or "none") for e, fp in prints))
         if line:
             lines.append(line)
     for name in sorted({lock_file(e.strategy) for e, _ in prints}):
@@ -510,10 +502,8 @@ def env_drift(envs: list[NodeEnv], control_locks: dict[str, str | None]) -> list
              for e, fp in prints if fp.packages is not None]
     names = sorted({k for _, pkgs in venvs for k in pkgs})
     for name in names:
-        values = {}
-        for e, pkgs in venvs:
-            values.setdefault(pkgs.get(name, "absent"), []).append(e.node)
-        line = _values_differ(f"package {name}", values)
+        line = differs(f"package {name}",
+                       group_by((e.node, pkgs.get(name, "absent")) for e, pkgs in venvs))
         if line:
             lines.append(line)
     return lines

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,21 +18,13 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from . import store
 from .errors import UgroError
-from .jobs import (
-    ACTIVE,
-    CANCELLED,
-    COMPLETED,
-    FAILED,
-    PENDING,
-    RUNNING,
-    Jobs,
-    job_name,
-    validate_name,
-)
+from .jobs import Jobs, job_name
 from .metrics import MetricPoint, load_metrics, parse_jsonl, sparkline, summarize
+from .state import JobStatus, is_active
 
-STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
+STATUSES = tuple(s.value for s in JobStatus)
 STATE_MAX_AGE = 300.0  # seconds a saved health check still counts as recent for `inv status`
 RECENT_JOBS = 5
 TAIL_LINES = 10  # of a failed node's log, on the results screen
@@ -46,34 +36,6 @@ LABELS = {"duration_s": "duration", "final_loss": "final loss", "best_loss": "be
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-# -- finding a job -------------------------------------------------------------
-def resolve(jobs: Jobs, text: str | None) -> str:
-    """A job id from what the user typed: an id, a name (its latest job), or a unique prefix.
-
-    An unknown name raises with the closest matches; a prefix of several names or ids raises
-    with the candidates.
-    """
-    if not text:
-        raise UgroError("a job name or id is required")
-    validate_name(text)
-    ids = jobs.ids()
-    if text in ids or any(job_name(j) == text for j in ids):
-        return jobs.find(text)
-    names = sorted({job_name(j) for j in ids if job_name(j).startswith(text)})
-    if len(names) > 1:
-        raise UgroError(f"job {text!r} is ambiguous: it could be {', '.join(names)}")
-    if names:
-        return jobs.find(names[0])
-    prefixed = [j for j in ids if j.startswith(text)]
-    if len(prefixed) > 1:
-        more = f" and {len(prefixed) - 10} more" if len(prefixed) > 10 else ""
-        raise UgroError(f"job {text!r} is ambiguous: it could be "
-                        f"{', '.join(prefixed[:10])}{more}")
-    if prefixed:
-        return prefixed[0]
-    return jobs.find(text)
 
 
 # -- reading a job directory ---------------------------------------------------
@@ -159,7 +121,7 @@ def load(jobs: Jobs, job_id: str) -> JobRecord:
     jsonl = d / "metrics.jsonl"
     if jsonl.is_file():
         text = jsonl.read_text(encoding="utf-8", errors="replace")
-        why = jsonl_problem(text, rec.status in ACTIVE)
+        why = jsonl_problem(text, is_active(rec.status))
         if why:
             rec.damaged.append(why)
         rec.points = parse_jsonl(text)
@@ -365,7 +327,7 @@ def duration(meta: dict, now: datetime) -> float | None:
     """Seconds from start to end, or to now while the job is active."""
     start = _when(meta.get("started_at")) or _when(meta.get("created_at"))
     end = _when(meta.get("ended_at"))
-    if end is None and meta.get("status") in ACTIVE:
+    if end is None and is_active(meta.get("status")):
         end = now
     if start is None or end is None:
         return None
@@ -390,15 +352,8 @@ def plot_loss(points: list[MetricPoint], path: Path, title: str) -> tuple[Path |
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with store.replacing(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path, str(path)
 
 

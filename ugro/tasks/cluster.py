@@ -72,9 +72,7 @@ def init(c, nodes=None):
     targets = cluster.select(nodes)
     trust_hosts(c, nodes=nodes)
     with Session(cluster) as session:
-        answers = session.run_all(
-            targets, lambda n: f"mkdir -p {commands.rpath(n.project_path)}/data/experiments"
-        )
+        answers = session.run_all(targets, commands.make_project_dirs)
         failed = [a.error or a.stderr.strip() for a in answers.values() if not a.ok]
         for line in failed:
             print(f"mkdir failed: {line}")

@@ -8,10 +8,12 @@ import yaml
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from .. import launch as launch_mod
+from .. import lifecycle
 from ..cluster import Session
 from ..errors import UgroError
-from ..jobs import ACTIVE, COMPLETED, Jobs, validate_name
+from ..jobs import Jobs
+from ..plan import LaunchConfig
+from ..state import JobStatus, is_active
 from .common import ROOT, cli, cluster_of, project_path
 
 
@@ -58,7 +60,7 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
            script_args=None, sync=False):
     """Run a distributed torchrun training job on the cluster's nodes."""
     defaults = launch_defaults(c)
-    cfg = launch_mod.LaunchConfig.from_options(
+    cfg = LaunchConfig.from_options(
         defaults, name=name, epochs=epochs, lr=lr, model=model, dataset=dataset,
         batch_size=batch_size, script=script, nodes=nodes, nproc_per_node=nproc_per_node,
         detach=detach, resume=resume, script_args=script_args,
@@ -74,23 +76,23 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
             raise UgroError("sync before launch failed: " + "; ".join(
                 f"{r.node}: {r.error}" for r in failed))
         print(sync_mod.sync_table(results), flush=True)
-    job_id = launch_mod.launch(jobs, cluster, cfg, ROOT)
+    job_id = lifecycle.launch(jobs, cluster, cfg, ROOT)
     meta = jobs.metadata(job_id)
     where = ", ".join(f"{n} ({v['nproc']} rank{'s' if v['nproc'] > 1 else ''})"
                       for n, v in meta["nodes"].items())
     print(f"job {job_id}: world size {meta['world_size']} on {where}; "
           f"rendezvous {meta['master']}", flush=True)
     if detach:
-        started = launch_mod.wait_for_ranks(jobs, cluster, job_id)
+        started = lifecycle.wait_for_ranks(jobs, cluster, job_id)
         print("started: " + ", ".join(f"{n} {s}" for n, s in started.items()))
         print(f"detached; follow with: inv logs {cfg.name} --follow; "
               f"stop with: inv cancel {cfg.name}")
         return
-    meta = launch_mod.wait_attached(jobs, cluster, job_id)
+    meta = lifecycle.wait_attached(jobs, cluster, job_id)
     print(f"job {job_id}: {meta['status']}", flush=True)
     if meta.get("error"):
         print(f"  {meta['error']}", file=sys.stderr)
-    if meta["status"] != COMPLETED:
+    if meta["status"] != JobStatus.COMPLETED:
         raise Exit(code=1)
 
 
@@ -99,12 +101,11 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
 @cli
 def cancel(c, name, grace=3.0):
     """Cancel a job: stop exactly its processes on every node."""
-    validate_name(name)
     jobs = jobs_of(c)
     job_id = jobs.find(name)
-    before = jobs.metadata(job_id)["status"]
-    meta = launch_mod.cancel(jobs, cluster_of(c), job_id, float(grace))
-    if before not in ACTIVE:
+    before = jobs.metadata(job_id).get("status")
+    meta = lifecycle.cancel(jobs, cluster_of(c), job_id, float(grace))
+    if not is_active(before):
         print(f"job {job_id} already ended: {before}")
         return
     for node, facts in meta["nodes"].items():
@@ -123,7 +124,7 @@ def reset(c, grace=3.0):
     cluster = cluster_of(c)
     jobs = jobs_of(c)
     for job_id in jobs.active():
-        launch_mod.cancel(jobs, cluster, job_id, float(grace), reason="inv reset")
+        lifecycle.cancel(jobs, cluster, job_id, float(grace), reason="inv reset")
         print(f"{job_id}: CANCELLED")
     with Session(cluster) as session:
         answers = session.run_all(cluster.nodes,

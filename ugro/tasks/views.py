@@ -6,11 +6,12 @@ import sys
 
 from invoke import Collection, task
 
-from .. import commands, health, launch, views
+from .. import commands, health, lifecycle, views
 from .. import logs as logs_mod
 from ..cluster import Session
 from ..errors import UgroError
-from ..jobs import ACTIVE, Jobs, job_name
+from ..jobs import Jobs, job_name
+from ..state import is_active
 from .common import (
     cli,
     cluster_of,
@@ -54,16 +55,16 @@ def show(view, text, as_json: bool, notes: list[str]) -> None:
 
 
 def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
-    """`launch.reconcile` each active job among these (one whose supervisor died is brought in
+    """`lifecycle.reconcile` each active job among these (one whose supervisor died is brought in
     line with its nodes); returns a note for each that could not be."""
     notes = []
     for job_id in job_ids:
         meta, _ = views.read_object(jobs.dir(job_id) / "metadata.json")
-        if meta.get("status") not in ACTIVE:
+        if not is_active(meta.get("status")):
             continue
         try:
             cluster = cluster or cluster_of(c)
-            launch.reconcile(jobs, cluster, job_id)
+            lifecycle.reconcile(jobs, cluster, job_id)
         except UgroError as exc:
             notes.append(f"{job_id}: not reconciled: {exc}")
     return notes
@@ -89,7 +90,7 @@ def logs(c, job=None, node=None, rank=None, tail=None, follow=False, json=False)
     if is_connection(c):
         return host_logs(c, job, node, rank, tail, follow, json)
     jobs = jobs_of(c)
-    job_id = views.resolve(jobs, job)
+    job_id = jobs.find(job)
     for line in reconcile(c, jobs, [job_id]):
         note(line)
     meta, damaged = views.read_object(jobs.dir(job_id) / "metadata.json")
@@ -157,7 +158,7 @@ def host_logs(c, job, node, rank, tail, follow, as_json):
 def results(c, job, json=False):
     """Summarize a job: status, duration, nodes, GPUs, loss, throughput, checkpoints, errors."""
     jobs = jobs_of(c)
-    job_id = views.resolve(jobs, job)
+    job_id = jobs.find(job)
     notes = reconcile(c, jobs, [job_id])
     rec = views.load(jobs, job_id)
     view = views.results(rec, views.utcnow())
@@ -197,7 +198,7 @@ def compare(c, first, second, json=False):
     """Compare jobs side by side: hyperparameters and final metrics, differences marked."""
     jobs = jobs_of(c)
     wanted = [w.strip() for w in f"{first},{second}".split(",") if w.strip()]
-    ids = list(dict.fromkeys(views.resolve(jobs, w) for w in wanted))
+    ids = list(dict.fromkeys(jobs.find(w) for w in wanted))
     if len(ids) < 2:
         raise UgroError(f"compare needs two different jobs; {', '.join(wanted)} are all {ids[0]}")
     notes = reconcile(c, jobs, ids)

@@ -1,0 +1,119 @@
+"""Job records: transitions, finding jobs, and what holds a node (fast: no SSH, no torch)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+import sys
+
+import pytest
+
+from ugro.config import parse_cluster
+from ugro.errors import UgroError
+from ugro.jobs import Jobs
+from ugro.lifecycle import busy_nodes
+from ugro.plan import pick_port
+from ugro.state import JobStatus, NodeStatus
+
+CLUSTER = """
+master: {name: a, local: true}
+workers:
+  - {name: b, ip: 127.0.0.9}
+  - {name: c, ip: 127.0.0.10}
+"""
+
+
+def begun(jobs: Jobs, name: str, nodes=("a", "b")) -> str:
+    job_id = jobs.create(name)
+    jobs.begin(job_id, name, cluster_file="c.yaml", world_size=len(nodes), master="x:1",
+               nodes={n: {"node_rank": i, "nproc": 1} for i, n in enumerate(nodes)})
+    return job_id
+
+
+def test_states_answer_questions():
+    assert JobStatus.RUNNING.is_active() and not JobStatus.RUNNING.is_terminal()
+    assert JobStatus.CANCELLED.is_terminal()
+    assert JobStatus.parse("RUNNING") is JobStatus.RUNNING
+    assert JobStatus.parse("nonsense") is None and JobStatus.parse(None) is None
+    assert json.dumps({"s": JobStatus.FAILED}) == '{"s": "FAILED"}'
+    assert f"{JobStatus.FAILED}" == "FAILED" and str(NodeStatus.START_FAILED) == "failed to start"
+
+
+def test_transitions_write_the_record(tmp_path):
+    jobs = Jobs(tmp_path)
+    job_id = begun(jobs, "exp")
+    assert jobs.status(job_id) is JobStatus.PENDING
+    meta = jobs.mark_running(job_id, {"a": 100, "b": 200})
+    assert meta["status"] == "RUNNING" and meta["nodes"]["b"]["pgid"] == 200
+    meta = jobs.finish(job_id, JobStatus.COMPLETED, nodes={"a": {"exit_code": 0}})
+    assert meta["status"] == "COMPLETED" and meta["ended_at"]
+    # A second finisher adds its node facts but never changes the outcome.
+    meta = jobs.finish(job_id, JobStatus.FAILED, error="late", nodes={"b": {"exit_code": 1}})
+    assert meta["status"] == "COMPLETED" and "error" not in meta
+    assert meta["nodes"]["b"]["exit_code"] == 1
+    assert len(jobs.history.read_text().splitlines()) == 1
+
+
+def _finish(data_dir, job_id, status, node):
+    Jobs(data_dir).finish(job_id, JobStatus(status), nodes={node: {"seen": True}})
+
+
+def test_two_concurrent_finishers_one_outcome_one_history_line(tmp_path):
+    jobs = Jobs(tmp_path)
+    for round_ in range(5):
+        job_id = begun(jobs, f"race{round_}")
+        ctx = multiprocessing.get_context("fork")
+        procs = [ctx.Process(target=_finish, args=(tmp_path, job_id, status, node))
+                 for status, node in (("CANCELLED", "a"), ("FAILED", "b"))]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(10)
+        meta = jobs.metadata(job_id)
+        assert meta["status"] in ("CANCELLED", "FAILED")
+        assert meta["nodes"]["a"]["seen"] and meta["nodes"]["b"]["seen"]
+    lines = [json.loads(x) for x in jobs.history.read_text().splitlines()]
+    assert sorted(x["name"] for x in lines) == [f"race{i}" for i in range(5)]
+
+
+def test_find_by_id_name_prefix_and_hint(tmp_path):
+    jobs = Jobs(tmp_path)
+    first = begun(jobs, "exp1")
+    begun(jobs, "other")
+    assert jobs.find(first) == first
+    assert jobs.find("exp1") == first
+    assert jobs.find("oth").startswith("other_")
+    with pytest.raises(UgroError, match="did you mean: exp1"):
+        jobs.find("exp2")
+    with pytest.raises(UgroError, match="invalid job name"):
+        jobs.find("../x")
+
+
+def test_pick_port_next_free_and_refuse():
+    assert pick_port(set(), 29500, "next-free", "n") == 29500
+    assert pick_port({29500, 29501}, 29500, "next-free", "n") == 29502
+    with pytest.raises(UgroError, match="master port 29500 is busy on n"):
+        pick_port({29500}, 29500, "refuse", "n")
+    with pytest.raises(UgroError, match="no free port"):
+        pick_port(set(range(29500, 29600)), 29500, "next-free", "n")
+
+
+def test_busy_nodes_names_the_job_holding_them(tmp_path):
+    cluster = parse_cluster(CLUSTER, tmp_path / "c.yaml")
+    jobs = Jobs(tmp_path)
+    holder = begun(jobs, "holder", ("a", "b"))
+    jobs.mark_running(holder, {"a": 1, "b": 2})
+    done = begun(jobs, "done", ("c",))
+    jobs.finish(done, JobStatus.COMPLETED)
+    # A live supervisor for `holder`: nothing needs reconciling, so no node is asked.
+    sup = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                            "ugro.supervise", holder])
+    try:
+        jobs.set_supervisor(holder, sup.pid)
+        nodes = cluster.select("b,c")
+        assert busy_nodes(jobs, cluster, nodes) == [f"{holder} (RUNNING on b)"]
+        assert busy_nodes(jobs, cluster, cluster.select("c")) == []
+    finally:
+        sup.kill()
+        sup.wait()

@@ -1,0 +1,67 @@
+"""Where a job's processes run: the one seam between the launch path and the machines.
+
+A launch plans its nodes (`ugro.plan`), then hands the plans to a backend, which
+starts every node's torchrun, streams a node's output home, answers what state a
+node's processes are in, reads the files a job leaves on a node, and stops them.
+`SSHBackend` does it over SSH for the lab's own machines; a Slurm cluster is
+another implementation of the same calls, not a fork of the launch path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from ..config import Cluster, Node
+from ..state import NodeState
+
+if TYPE_CHECKING:
+    from ..plan import NodePlan
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A file read from a node: its text, or why there is none."""
+
+    text: str | None
+    error: str | None = None
+
+
+class Sink(Protocol):
+    def write(self, data: str) -> None: ...
+    def flush(self) -> None: ...
+
+
+class Backend(Protocol):
+    def command_line(self, job_id: str, plan: NodePlan) -> str:
+        """What the node runs for this plan, exactly (the job record keeps it)."""
+
+    def start(self, job_id: str, plans: list[NodePlan]) -> dict[str, int | str]:
+        """Start every node's plan; node -> its process group id, or why it did not start."""
+
+    def stream(self, node: Node, job_id: str, sink: Sink) -> str | None:
+        """Write the node's output for the job to `sink` until its exit marker; an error or None."""
+
+    def output(self, nodes: list[Node], job_id: str) -> dict[str, Fetched]:
+        """Each node's whole raw output for the job (torchrun's, `[rankN]:` prefixes and all)."""
+
+    def states(self, nodes: list[Node], job_id: str) -> dict[str, NodeState]: ...
+
+    def ranks_running(self, nodes: list[Node], job_id: str) -> dict[str, int | str | None]:
+        """How many ranks run on each node, `ended` once its torchrun exited, None unknown."""
+
+    def stop(self, nodes: list[Node], job_id: str, grace: float) -> dict[str, str]:
+        """Stop the job on these nodes; node -> `stopped`, `still-alive` or why it could not."""
+
+    def read(self, nodes: list[Node], path: str) -> dict[str, Fetched]:
+        """A project-relative file from each node."""
+
+    def listdir(self, nodes: list[Node], path: str) -> dict[str, list[str] | None]: ...
+
+    def close(self) -> None: ...
+
+
+def backend_for(cluster: Cluster) -> Backend:
+    from .ssh import SSHBackend
+
+    return SSHBackend(cluster)

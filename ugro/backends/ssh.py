@@ -1,0 +1,97 @@
+"""The SSH backend: a job's processes on the lab's own machines, one process group per node.
+
+Each node runs its torchrun in its own session, tagged with the job id and the
+node's name (`commands.start_job`); the group id, the exit code and the whole
+output stay in the node's job directory, so a dropped connection loses nothing
+and a later supervisor can pick the job up again.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from .. import commands
+from ..cluster import Session, fan_out
+from ..config import Cluster, Node
+from ..state import NodeState
+from . import Fetched, Sink
+
+if TYPE_CHECKING:
+    from ..plan import NodePlan
+
+STATE_RE = re.compile(r"pgid=(\d*) exit=(\S*) alive=([01])")
+
+
+class SSHBackend:
+    def __init__(self, cluster: Cluster, session: Session | None = None):
+        self.cluster = cluster
+        self.session = session or Session(cluster)
+
+    def command_line(self, job_id: str, plan: NodePlan) -> str:
+        return commands.start_job(plan.node, job_id, plan.argv, plan.env)
+
+    def start(self, job_id: str, plans: list[NodePlan]) -> dict[str, int | str]:
+        by_name = {p.node.name: p for p in plans}
+
+        def one(node: Node) -> int | str:
+            a = self.session.run(node, self.command_line(job_id, by_name[node.name]), timeout=30)
+            pgid = a.stdout.strip()
+            if a.ok and pgid.isdigit():
+                return int(pgid)
+            return a.error or a.stderr.strip() or "no process group id"
+
+        return fan_out([p.node for p in plans], one)
+
+    def stream(self, node: Node, job_id: str, sink: Sink) -> str | None:
+        return self.session.stream(node, commands.watch_job(node, job_id), sink).error
+
+    def states(self, nodes: list[Node], job_id: str) -> dict[str, NodeState]:
+        out = {}
+        for name, a in self.session.run_all(nodes, lambda n: commands.job_state(n, job_id)).items():
+            m = STATE_RE.search(a.stdout) if a.error is None else None
+            if m:
+                out[name] = NodeState(pgid=int(m.group(1)) if m.group(1) else None,
+                                      exit_code=m.group(2) or None, alive=m.group(3) == "1")
+            else:
+                out[name] = NodeState(error=a.error or a.stderr.strip() or "no answer")
+        return out
+
+    def ranks_running(self, nodes: list[Node], job_id: str) -> dict[str, int | str | None]:
+        out: dict[str, int | str | None] = {}
+        for name, a in self.session.run_all(
+                nodes, lambda n: commands.ranks_started(n, job_id)).items():
+            text = a.stdout.strip()
+            out[name] = "ended" if text == "ended" else int(text) if text.isdigit() else None
+        return out
+
+    def stop(self, nodes: list[Node], job_id: str, grace: float) -> dict[str, str]:
+        answers = self.session.run_all(nodes, lambda n: commands.kill_job(n, job_id, grace),
+                                       timeout=grace + 30)
+        return {name: (a.stdout.strip() or "no answer") if a.error is None else a.error
+                for name, a in answers.items()}
+
+    def output(self, nodes: list[Node], job_id: str) -> dict[str, Fetched]:
+        return self._fetch(nodes, lambda n: commands.job_output(n, job_id))
+
+    def read(self, nodes: list[Node], path: str) -> dict[str, Fetched]:
+        return self._fetch(nodes, lambda n: commands.read_file(n, path))
+
+    def _fetch(self, nodes: list[Node], command) -> dict[str, Fetched]:
+        answers = self.session.run_all(nodes, command)
+        return {name: Fetched(a.stdout) if a.ok else
+                Fetched(None, a.error or a.stderr.strip() or f"exit code {a.exited}")
+                for name, a in answers.items()}
+
+    def listdir(self, nodes: list[Node], path: str) -> dict[str, list[str] | None]:
+        answers = self.session.run_all(nodes, lambda n: commands.list_files(n, path))
+        return {name: a.stdout.split() if a.ok else None for name, a in answers.items()}
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,211 @@
+"""A job's life on the machines: start it, hand it to a supervisor, cancel it, reconcile it.
+
+The flow of `inv launch`: `plan.check_script` and `busy_nodes` (nothing else holds
+the nodes), `plan.preflight` (health, versions, master port), the record
+(`Jobs.begin`), the backend starts every node, and a supervisor process
+(`python -m ugro.supervise`) takes over: it streams every node's output home,
+fails fast, and writes the final record. The launcher then follows the logs
+(`wait_attached`) or returns once every rank runs (`wait_for_ranks`); either way
+the job is supervised without the user's terminal.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import closing
+from dataclasses import asdict
+from pathlib import Path
+
+from . import procs, store
+from .backends import backend_for
+from .cluster import Session
+from .config import Cluster, Node
+from .errors import UgroError
+from .jobs import Jobs, git_state
+from .plan import LaunchConfig, check_script, plan, preflight
+from .state import JobStatus, NodeStatus, is_active
+from .supervise import Supervisor
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def busy_nodes(jobs: Jobs, cluster: Cluster, nodes: tuple[Node, ...]) -> list[str]:
+    """Jobs that hold any of these nodes now (after reconciling stale records)."""
+    wanted = {n.name for n in nodes}
+    holding = []
+    for job_id in jobs.active():
+        meta = reconcile(jobs, cluster, job_id)
+        shared = wanted & set(meta.get("nodes", {}))
+        if is_active(meta.get("status")) and shared:
+            holding.append(f"{job_id} ({meta['status']} on {', '.join(sorted(shared))})")
+    return holding
+
+
+def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path) -> str:
+    """Preflight, record, start every node, hand over to a supervisor; returns the job id."""
+    check_script(cfg, root)
+    with store.locked(jobs.data_dir / ".launch.lock"), Session(cluster) as session:
+        holding = busy_nodes(jobs, cluster, cluster.select(cfg.nodes))
+        if holding:
+            raise UgroError(f"nodes are busy with job {'; '.join(holding)}; "
+                            "wait for it or run: inv cancel <job>")
+        reports, port = preflight(cluster, cfg, session)
+        job_id = jobs.create(cfg.name)
+        plans = plan(cluster, cfg, job_id, port)
+        backend = backend_for(cluster)
+        master = f"{plans[0].node.host}:{port}"
+        world = sum(p.nproc for p in plans)
+        store.write_json(jobs.dir(job_id) / "config.json", {
+            "job_id": job_id,
+            "launch": asdict(cfg),
+            "cluster": {"name": cluster.name, "file": str(cluster.source),
+                        "rdzv_backend": cluster.rdzv_backend, "master": master},
+            "world_size": world,
+            "nodes": {p.node.name: {"node_rank": p.node_rank, "nproc": p.nproc,
+                                    "host": p.node.host, "argv": p.argv,
+                                    "command": backend.command_line(job_id, p)} for p in plans},
+            "versions": {r.node: {"python": r.python, "torch": r.torch,
+                                  "cuda": r.torch_cuda, "driver": r.driver,
+                                  "gpus": [g.name for g in r.gpus]} for r in reports},
+            "git": git_state(root),
+        })
+        jobs.begin(job_id, cfg.name, cluster_file=str(cluster.source), world_size=world,
+                   master=master,
+                   nodes={p.node.name: {"node_rank": p.node_rank, "nproc": p.nproc}
+                          for p in plans})
+        with closing(backend):
+            started = backend.start(job_id, plans)
+            pgids = {name: v for name, v in started.items() if isinstance(v, int)}
+            jobs.mark_running(job_id, pgids)
+            failed = {name: why for name, why in started.items() if name not in pgids}
+            if failed:
+                why = "; ".join(f"{name}: {text}" for name, text in failed.items())
+                backend.stop([p.node for p in plans], job_id, cfg.grace)
+                jobs.finish(job_id, JobStatus.FAILED, error=f"start failed: {why}",
+                            nodes={name: {"status": NodeStatus.START_FAILED} for name in failed})
+                raise UgroError(f"job {job_id}: start failed: {why}")
+    spawn_supervisor(jobs, cluster, job_id)
+    return job_id
+
+
+def wait_for_ranks(jobs: Jobs, cluster: Cluster, job_id: str, timeout: float = 300.0,
+                   poll: float = 0.2) -> dict[str, str]:
+    """Wait until every node runs all its ranks; node -> 'N/N ranks', 'ended' or why not.
+
+    Returns early when the job stops being active (a node failed at start-up).
+    """
+    meta = jobs.metadata(job_id)
+    want = {name: facts["nproc"] for name, facts in meta["nodes"].items()}
+    nodes = [cluster.node(n) for n in want]
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    with closing(backend_for(cluster)) as backend:
+        while True:
+            pending = [n for n in nodes if n.name not in seen]
+            for name, running in backend.ranks_running(pending, job_id).items():
+                if running == "ended":
+                    seen[name] = "ended"
+                elif isinstance(running, int) and running >= want[name]:
+                    seen[name] = f"{running}/{want[name]} ranks"
+            if len(seen) == len(nodes) or not is_active(jobs.metadata(job_id).get("status")):
+                break
+            if time.monotonic() > deadline:
+                for n in nodes:
+                    seen.setdefault(n.name, "not all ranks started yet")
+                break
+            time.sleep(poll)
+    return {n.name: seen[n.name] for n in nodes}  # node order, whoever was first
+
+
+def spawn_supervisor(jobs: Jobs, cluster: Cluster, job_id: str) -> int:
+    log = (jobs.dir(job_id) / "supervisor.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ugro.supervise", "--data-dir", str(jobs.data_dir.resolve()),
+         "--cluster", str(cluster.source.resolve()), job_id],
+        cwd=PACKAGE_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+    )
+    jobs.set_supervisor(job_id, proc.pid)
+    return proc.pid
+
+
+def supervisor_alive(meta: dict) -> bool:
+    pid = meta.get("supervisor_pid")
+    return bool(pid) and procs.running(pid, b"ugro.supervise", meta["job_id"].encode())
+
+
+def cancel(jobs: Jobs, cluster: Cluster, job_id: str, grace: float = 3.0,
+           reason: str = "cancelled by user") -> dict:
+    meta = jobs.metadata(job_id)
+    if not is_active(meta.get("status")):
+        return meta
+    jobs.request_cancel(job_id)
+    nodes = [cluster.node(n) for n in meta["nodes"]]
+    with closing(backend_for(cluster)) as backend:
+        result = backend.stop(nodes, job_id, grace)
+    return jobs.finish(job_id, JobStatus.CANCELLED, error=reason, nodes={
+        name: {"status": NodeStatus.CANCELLED, "stop": outcome}
+        for name, outcome in result.items()})
+
+
+def reconcile(jobs: Jobs, cluster: Cluster, job_id: str) -> dict:
+    """Bring an active job's record in line with its nodes when its supervisor is gone.
+
+    Nodes still running: a new supervisor takes over. All ended: the final
+    record is written from their exit-code files (and their logs fetched).
+    """
+    meta = jobs.metadata(job_id)
+    if not is_active(meta.get("status")) or supervisor_alive(meta):
+        return meta
+    nodes = [cluster.node(n) for n in meta["nodes"]]
+    with closing(backend_for(cluster)) as backend:
+        states = backend.states(nodes, job_id)
+    if any(s.alive for s in states.values()):
+        spawn_supervisor(jobs, cluster, job_id)
+        return jobs.metadata(job_id)
+    if not all(s.reachable for s in states.values()):
+        return meta  # can't tell yet; never guess a final status
+    Supervisor(jobs, cluster, job_id).run()
+    return jobs.metadata(job_id)
+
+
+# -- attached mode -------------------------------------------------------------
+def wait_attached(jobs: Jobs, cluster: Cluster, job_id: str, out=sys.stdout) -> dict:
+    """Stream the job's logs until it ends; Ctrl-C or SIGTERM cancels it everywhere."""
+    from .logs import follow
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    done = threading.Event()
+    threading.Thread(target=_watchdog, args=(jobs, cluster, job_id, done), daemon=True).start()
+    try:
+        follow(jobs, job_id, out=out)
+    except KeyboardInterrupt:
+        print(f"\ncancelling {job_id} on every node...", file=sys.stderr, flush=True)
+        cancel(jobs, cluster, job_id, reason="interrupted (Ctrl-C/SIGTERM on inv launch)")
+    finally:
+        done.set()
+        signal.signal(signal.SIGTERM, previous)
+    deadline = time.monotonic() + 30
+    meta = jobs.metadata(job_id)
+    while is_active(meta.get("status")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        meta = jobs.metadata(job_id)
+    return meta
+
+
+def _watchdog(jobs: Jobs, cluster: Cluster, job_id: str, done: threading.Event,
+              every: float = 2.0) -> None:
+    """While attached, make sure a dead supervisor cannot leave us following forever."""
+    while not done.wait(every):
+        meta = jobs.metadata(job_id)
+        if not is_active(meta.get("status")):
+            return
+        if not supervisor_alive(meta):
+            reconcile(jobs, cluster, job_id)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
