@@ -226,9 +226,9 @@ def parse_args(argv=None):
                    help="write TensorBoard events under OUTPUT_DIR/tensorboard")
     p.add_argument("--checkpoint-every-epoch", action=argparse.BooleanOptionalAction,
                    default=None, help="checkpoint after every epoch (else after the last only)")
-    p.add_argument("--output-dir", default=os.environ.get("UGRO_OUTPUT_DIR", "."),
+    p.add_argument("--output-dir", default=os.environ.get("UGRO_JOB_DIR", "."),
                    help="where rank 0 writes metrics.jsonl, tensorboard/ and checkpoints/ "
-                        "(default: $UGRO_OUTPUT_DIR or .)")
+                        "(default: $UGRO_JOB_DIR, set by inv launch, or .)")
     p.add_argument("--resume", action="store_true",
                    help="continue after the latest checkpoint in OUTPUT_DIR/checkpoints "
                         "(none: start fresh)")

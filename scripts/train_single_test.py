@@ -80,8 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=positive_int, default=5, help="log every N steps")
     p.add_argument("--seed", type=int, default=1337, help="seed for weights and data order")
     p.add_argument(
-        "--output-dir", default=os.environ.get("UGRO_OUTPUT_DIR", "."),
-        help="where rank 0 writes metrics.jsonl and checkpoints/ (default: $UGRO_OUTPUT_DIR or .)",
+        "--output-dir", default=os.environ.get("UGRO_JOB_DIR", "."),
+        help="where rank 0 writes metrics.jsonl and checkpoints/ "
+             "(default: $UGRO_JOB_DIR, which inv launch sets, or .)",
     )
     p.add_argument(
         "--resume", action="store_true",

@@ -34,13 +34,14 @@ def test_homelab_plan_works_out_ranks_and_rendezvous(homelab):
         "--rdzv-id", "exp1_20260120_120000", "--rdzv-conf", "is_host=0",
         "--local-addr", "192.168.1.101",
         "scripts/train_single_test.py", "--epochs", "3",
-        "--output-dir", "data/experiments/exp1_20260120_120000",
     ]
     assert "is_host=1" in plans[0].argv
     assert plans[1].env["NCCL_SOCKET_IFNAME"] == "eno1"
     command = SSHBackend(homelab).command_line("exp1_20260120_120000", plans[1])
     assert command.startswith("cd /home/ob/projects/UGRO || exit 1; ")
     assert "UGRO_JOB_ID=exp1_20260120_120000" in command
+    assert 'UGRO_JOB_DIR="$PWD"/data/experiments/exp1_20260120_120000' in command
+    assert plans[1].env["UGRO_JOB_NAME"] == "exp1"
 
 
 def test_subset_of_nodes_and_static_backend(homelab, tmp_path):
@@ -49,7 +50,8 @@ def test_subset_of_nodes_and_static_backend(homelab, tmp_path):
     plans = plan(homelab, cfg, "x_1", 29501)
     assert [p.node.name for p in plans] == ["gpu1", "gpu2"]  # rank order, not typed order
     assert plans[0].argv[plans[0].argv.index("--rdzv-endpoint") + 1] == "192.168.1.101:29501"
-    assert plans[0].argv[-4:] == ["--output-dir", "data/experiments/x_1", "--foo", "a b"]
+    # Only what was given for this launch: no --output-dir, no defaults.
+    assert plans[0].argv[-5:] == ["s.py", "--lr", "0.01", "--foo", "a b"]
     text = (ROOT / "config/examples/homelab.yaml").read_text().replace(
         "rdzv_backend: c10d", "rdzv_backend: static")
     static = parse_cluster(text, Path("h.yaml"), ROOT)
@@ -76,19 +78,58 @@ def test_uneven_ranks_are_refused_unless_explicit(homelab):
     ({"name": None}, "a job name is required"),
     ({"name": "ok", "epochs": "0"}, "--epochs must be >= 1"),
     ({"name": "ok", "epochs": "three"}, "--epochs: not a int"),
-    ({"name": "ok", "lr": "-1"}, "--lr must be > 0"),
+    ({"name": "ok", "lr": "-1"}, "--lr must be a finite number > 0"),
+    ({"name": "ok", "lr": "inf"}, "--lr must be a finite number > 0"),
+    ({"name": "ok", "lr": "nan"}, "--lr must be a finite number > 0"),
     ({"name": "ok", "script": "/etc/passwd"}, "--script must be a path inside the project"),
+    ({"name": "ok", "script": "-rf"}, "--script must be a path inside the project or -m"),
+    ({"name": "ok", "script": "-m os; rm"}, "expected -m package.module"),
     ({"name": "ok", "script": "../x.py"}, "--script must be a path inside the project"),
     ({"name": "ok", "script_args": "--a 'unclosed"}, "--script-args: No closing quotation"),
 ])
 def test_bad_options_are_one_clear_error(options, message):
     with pytest.raises(UgroError, match=message.replace("(", r"\(")):
-        LaunchConfig.from_options({}, **options)
+        LaunchConfig.from_options({}, {}, **options)
 
 
-def test_defaults_come_from_training_defaults_then_cli_wins():
-    cfg = LaunchConfig.from_options({"script": "scripts/a.py", "epochs": 2}, name="n", epochs="5")
-    assert (cfg.script, cfg.epochs) == ("scripts/a.py", 5)
+def test_defaults_come_from_the_scripts_own_entry_then_cli_wins():
+    scripts = {"scripts/a.py": {"epochs": 2, "lr": 0.5}}
+    cfg = LaunchConfig.from_options({"script": "scripts/a.py"}, scripts, name="n", epochs="5")
+    assert (cfg.script, cfg.epochs, cfg.lr) == ("scripts/a.py", 5, 0.5)
+    # A script without an entry gets only what was typed.
+    cfg = LaunchConfig.from_options({"script": "scripts/a.py"}, scripts, name="n",
+                                    script="other.py")
+    assert cfg.script_argv() == ["other.py"]
+
+
+def test_module_scripts_run_with_torchruns_module_flag(homelab):
+    cfg = LaunchConfig(name="m", script="-m mypkg.train", epochs=2, script_args=("x",))
+    assert cfg.module == "mypkg.train"
+    argv = plan(homelab, cfg, "m_1", 29500)[0].argv
+    assert argv[-5:] == ["--module", "mypkg.train", "--epochs", "2", "x"]
+
+
+def test_version_policy_refuses_what_breaks_a_job_and_notes_the_rest():
+    from ugro.health import Gpu, NodeHealth
+    from ugro.plan import version_problems
+
+    def node(name, python="3.11.7", torch="2.13.0", cuda="12.8", gpus=1, driver="550"):
+        g = [Gpu(0, "RTX", 8192, 0, 0, 30, driver)] * gpus
+        return NodeHealth(name, name, True, python=python, torch=torch, torch_cuda=cuda,
+                          driver=driver, gpus=g)
+
+    assert version_problems([node("a"), node("b")]) == ([], [])
+    errors, warnings = version_problems([node("a"), node("b", python="3.11.2", driver="535")])
+    assert errors == []
+    assert warnings == ["python differs: 3.11.7 on a; 3.11.2 on b",
+                        "driver differs: 550 on a; 535 on b"]
+    errors, warnings = version_problems([node("a"), node("b", python="3.12.1")])
+    assert errors == ["python differs: 3.11 on a; 3.12 on b"] and warnings == []
+    errors, _ = version_problems([node("a"), node("b", torch="2.12.0", cuda="12.1")])
+    assert errors == ["torch differs: 2.13.0 on a; 2.12.0 on b",
+                      "CUDA build differs: 12.8 on a; 12.1 on b"]
+    # A CPU node's torch build has no CUDA: that is no drift.
+    assert version_problems([node("a"), node("c", cuda=None, gpus=0)]) == ([], [])
 
 
 def test_node_log_prefixes_lines_and_reads_the_exit_marker(tmp_path):

@@ -136,6 +136,9 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str]) -> 
         'if [ -e "$D/pgid" ]; then echo "job already started here" >&2; exit 17; fi; '
         'mkdir -p "$D" && '
         f"export {exports} && "
+        f'export UGRO_JOB_DIR="$PWD"/{q(job_path(job_id))} '
+        f'UGRO_METRICS_FILE="$PWD"/{q(job_path(job_id, "metrics.jsonl"))} && '
+
         f'{{ nohup setsid sh -c {q(wrapper)} "$PWD/$D" {join(argv)} '
         ">/dev/null 2>&1 </dev/null & }; "
         'i=0; while [ ! -s "$D/pgid" ] && [ $i -lt 200 ]; do sleep 0.02; i=$((i+1)); done; '
@@ -222,6 +225,22 @@ def ranks_started(node: Node, job_id: str) -> str:
         "  grep -qz '^LOCAL_RANK=' /proc/$p/environ 2>/dev/null && n=$((n+1)); "
         'done; echo "$n"',
     )
+
+
+FIND_MODULE = (
+    "import importlib.util, sys\n"
+    "try:\n    found = importlib.util.find_spec(sys.argv[1]) is not None\n"
+    "except (ImportError, ValueError):\n    found = False\n"
+    "sys.exit(0 if found else 3)"
+)
+
+
+def has_script(node: Node, script: str | None, module: str | None) -> str:
+    """Exit 0 when the training script (a project file, or a module the node's Python finds
+    from its project path) is there; 3 when it is not."""
+    if module is not None:
+        return in_project(node, join(node.python.argv() + ["-c", FIND_MODULE, module]))
+    return in_project(node, f"test -f {q(script)} || exit 3")
 
 
 def read_file(node: Node, relpath: str) -> str:

@@ -26,7 +26,7 @@ from .cluster import Session
 from .config import Cluster, Node
 from .errors import UgroError
 from .jobs import Jobs, git_state
-from .plan import LaunchConfig, check_script, plan, preflight
+from .plan import LaunchConfig, plan, preflight
 from .state import JobStatus, NodeStatus, is_active
 from .supervise import Supervisor
 
@@ -45,15 +45,22 @@ def busy_nodes(jobs: Jobs, cluster: Cluster, nodes: tuple[Node, ...]) -> list[st
     return holding
 
 
-def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path) -> str:
-    """Preflight, record, start every node, hand over to a supervisor; returns the job id."""
-    check_script(cfg, root)
+def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
+           warn=lambda line: None) -> str:
+    """Preflight, record, start every node, hand over to a supervisor; returns the job id.
+
+    `warn` hears what preflight found harmless but worth saying (a Python patch release
+    that differs). Nothing is recorded until the plan is valid.
+    """
+    plan(cluster, cfg, "check", cluster.master_port)  # refuse a bad plan before anything runs
     with store.locked(jobs.data_dir / ".launch.lock"), Session(cluster) as session:
         holding = busy_nodes(jobs, cluster, cluster.select(cfg.nodes))
         if holding:
             raise UgroError(f"nodes are busy with job {'; '.join(holding)}; "
                             "wait for it or run: inv cancel <job>")
-        reports, port = preflight(cluster, cfg, session)
+        reports, port, warnings = preflight(cluster, cfg, session)
+        for line in warnings:
+            warn(line)
         job_id = jobs.create(cfg.name)
         plans = plan(cluster, cfg, job_id, port)
         backend = backend_for(cluster)

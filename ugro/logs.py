@@ -106,6 +106,19 @@ class NodeLog:
         return Path(self.file.name).read_text(errors="replace").splitlines()[-n:]
 
 
+ERROR_RE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit)\b(?::|$)")
+
+
+def first_error(lines: Iterable[str]) -> str | None:
+    """The first exception line (`ModuleNotFoundError: No module named 'x'`) among log lines
+    as NodeLog writes them; what a user needs to read first when a rank dies."""
+    for raw in lines:
+        text = raw.split(" | ", 1)[-1].strip()
+        if ERROR_RE.match(text):
+            return text
+    return None
+
+
 LINE_RE = re.compile(r"^(?P<node>\S+) +(?:r(?P<rank>\d+) +)?\| ?(?P<text>.*)$")
 
 

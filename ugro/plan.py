@@ -7,6 +7,7 @@ nodes whether they can run it (healthy, versions that agree, a free master port)
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -18,17 +19,28 @@ from .cluster import Session
 from .config import Cluster, Node
 from .errors import UgroError
 from .jobs import validate_name
+from .wording import differs, group_by
 
 PORT_SEARCH = 50  # how far past a busy master port `next-free` looks
 RANK_PREFIX = "[rank${rank}]:"  # torchrun's per-line prefix template
 
 
+HYPERPARAMETERS = ("epochs", "lr", "model", "dataset", "batch_size")
+MODULE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Everything a launch needs from the command line, checked before anything runs."""
+    """Everything a launch needs from the command line, checked before anything runs.
+
+    The launch contract: the script's argv gets only the hyperparameters given for this
+    launch (typed, or the script's own entry under `scripts:` in training_defaults.yaml),
+    `--resume` when asked, and `--script-args` verbatim. Everything else UGRO knows reaches
+    every rank through the environment (`UGRO_JOB_ID`, `UGRO_JOB_DIR`, ...).
+    """
 
     name: str
-    script: str
+    script: str  # a path in the project, or `-m package.module`
     epochs: int | None = None
     lr: float | None = None
     model: str | None = None
@@ -45,22 +57,33 @@ class LaunchConfig:
         validate_name(self.name)
         if self.epochs is not None and self.epochs < 1:
             raise UgroError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.lr is not None and not self.lr > 0:
-            raise UgroError(f"--lr must be > 0, got {self.lr}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise UgroError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UgroError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.nproc_per_node is not None and self.nproc_per_node < 1:
             raise UgroError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
-        if os.path.isabs(self.script) or ".." in Path(self.script).parts:
-            raise UgroError(f"--script must be a path inside the project, got {self.script!r}")
+        if self.script.startswith("-m"):
+            if not MODULE_RE.match(self.module or ""):
+                raise UgroError(f"--script {self.script!r}: expected -m package.module")
+        elif (not self.script or self.script.startswith("-") or os.path.isabs(self.script)
+              or ".." in Path(self.script).parts):
+            raise UgroError(f"--script must be a path inside the project or -m package.module, "
+                            f"got {self.script!r}")
+
+    @property
+    def module(self) -> str | None:
+        """The module of `-m package.module`, or None for a script file."""
+        return self.script[2:].strip() if self.script.startswith("-m") else None
 
     @classmethod
-    def from_options(cls, defaults: dict, **options) -> LaunchConfig:
-        """Command-line options over `training_defaults.yaml`'s `launch:` section."""
-        def pick(key, kind):
+    def from_options(cls, defaults: dict, scripts: dict, **options) -> LaunchConfig:
+        """Command-line options over the script's own defaults (`scripts:` in
+        training_defaults.yaml); the script itself over `launch: script:`."""
+        def pick(key, kind, fallback):
             value = options.get(key)
             if value is None:
-                value = defaults.get(key)
+                value = fallback.get(key)
             if value is None:
                 return None
             try:
@@ -73,29 +96,30 @@ class LaunchConfig:
             extra = tuple(shlex.split(options.get("script_args") or ""))
         except ValueError as exc:
             raise UgroError(f"--script-args: {exc}") from None
+        script = pick("script", str, defaults) or "scripts/train_single_test.py"
+        own = scripts.get(script) or {}
         return cls(
             name=options.get("name"),
-            script=pick("script", str) or "scripts/train_single_test.py",
-            epochs=pick("epochs", int),
-            lr=pick("lr", float),
-            model=pick("model", str),
-            dataset=pick("dataset", str),
-            batch_size=pick("batch_size", int),
+            script=script,
+            epochs=pick("epochs", int, own),
+            lr=pick("lr", float, own),
+            model=pick("model", str, own),
+            dataset=pick("dataset", str, own),
+            batch_size=pick("batch_size", int, own),
             nodes=options.get("nodes"),
-            nproc_per_node=pick("nproc_per_node", int),
+            nproc_per_node=pick("nproc_per_node", int, defaults),
             detach=bool(options.get("detach")),
             resume=bool(options.get("resume")),
             script_args=extra,
         )
 
-    def script_argv(self, output_dir: str) -> list[str]:
-        argv = [self.script]
-        for flag, value in (("--epochs", self.epochs), ("--lr", self.lr),
-                            ("--model", self.model), ("--dataset", self.dataset),
-                            ("--batch-size", self.batch_size)):
+    def script_argv(self) -> list[str]:
+        """What follows torchrun's own options: the script (or `--module M`) and its argv."""
+        argv = ["--module", self.module] if self.module else [self.script]
+        for key in HYPERPARAMETERS:
+            value = getattr(self, key)
             if value is not None:
-                argv += [flag, str(value)]
-        argv += ["--output-dir", output_dir]
+                argv += [f"--{key.replace('_', '-')}", str(value)]
         if self.resume:
             argv.append("--resume")
         return argv + list(self.script_args)
@@ -121,7 +145,6 @@ def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[No
             "pass --nproc-per-node N to start N on each"
         )
     master = nodes[0]  # the lowest-ranked chosen node hosts the rendezvous
-    output_dir = commands.job_path(job_id)
     plans = []
     for node_rank, node in enumerate(nodes):
         d = commands.node_job_dir(node, job_id)
@@ -146,9 +169,10 @@ def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[No
         else:
             argv += ["--node-rank", str(node_rank),
                      "--master-addr", master.host, "--master-port", str(port)]
-        argv += cfg.script_argv(output_dir)
+        argv += cfg.script_argv()
         env = {
             **node.env,
+            "UGRO_JOB_NAME": cfg.name,
             "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": RANK_PREFIX,
             "PYTHONUNBUFFERED": "1",
         }
@@ -178,23 +202,52 @@ def choose_port(cluster: Cluster, session: Session, master: Node) -> int:
     return pick_port(busy, cluster.master_port, cluster.port_policy, master.name)
 
 
-def check_script(cfg: LaunchConfig, root: Path) -> None:
-    if not (root / cfg.script).is_file():
-        raise UgroError(f"script not found: {cfg.script}")
+def version_problems(reports: list[health.NodeHealth]) -> tuple[list[str], list[str]]:
+    """(what breaks a job, what only differs) among the nodes' versions.
+
+    Python's major.minor and torch's version must agree (pickled state and the
+    collectives' wire format change with them), and so must the CUDA build across the
+    nodes that have GPUs; a Python patch release or the driver only warrants a note.
+    """
+    def split(label: str, value_of, nodes) -> str | None:
+        return differs(label, group_by((r.node, str(value_of(r))) for r in nodes))
+
+    def minor(r):
+        return ".".join(str(r.python).split(".")[:2])
+
+    gpu_nodes = [r for r in reports if r.gpus]
+    errors = [split("python", minor, reports), split("torch", lambda r: r.torch, reports),
+              split("CUDA build", lambda r: r.torch_cuda, gpu_nodes)]
+    warnings = [split("driver", lambda r: r.driver, gpu_nodes)]
+    if errors[0] is None:  # the same major.minor: a patch release alone is harmless
+        warnings.insert(0, split("python", lambda r: r.python, reports))
+    return [e for e in errors if e], [w for w in warnings if w]
 
 
 def preflight(cluster: Cluster, cfg: LaunchConfig,
-              session: Session) -> tuple[list[health.NodeHealth], int]:
-    """The chosen nodes are healthy and agree on versions; returns their reports and the port."""
+              session: Session) -> tuple[list[health.NodeHealth], int, list[str]]:
+    """The chosen nodes are healthy, have the script, and agree on the versions that matter.
+
+    Returns their reports, the master port and warnings (versions that differ harmlessly).
+    """
     nodes = cluster.select(cfg.nodes)
     reports = health.check(cluster, nodes, session=session)
     bad = [r for r in reports if not r.healthy]
     if bad:
         raise UgroError("preflight: " + "; ".join(
             f"{r.node} unhealthy: {', '.join(r.problems)}" for r in bad))
-    for name in ("python", "torch"):
-        versions = {getattr(r, name) for r in reports}
-        if len(versions) > 1:
-            found = ", ".join(f"{r.node}={getattr(r, name)}" for r in reports)
-            raise UgroError(f"preflight: {name} versions differ ({found}); run inv sync-envs")
-    return reports, choose_port(cluster, session, nodes[0])
+    errors, warnings = version_problems(reports)
+    if errors:
+        raise UgroError(f"preflight: {'; '.join(errors)}; make the environments match "
+                        "(inv sync-envs) or choose matching nodes with --nodes")
+    answers = session.run_all(nodes, lambda n: commands.has_script(n, cfg.script, cfg.module))
+    missing = [name for name, a in answers.items() if a.exited == 3]
+    if missing:
+        what = f"module {cfg.module}" if cfg.module else f"script {cfg.script}"
+        raise UgroError(f"preflight: {what} not found on {', '.join(missing)} "
+                        f"(in the project path; run: inv sync)")
+    broken = [f"{name}: {a.error or a.stderr.strip() or f'exit code {a.exited}'}"
+              for name, a in answers.items() if not a.ok and a.exited != 3]
+    if broken:
+        raise UgroError(f"preflight: cannot check the script on {'; '.join(broken)}")
+    return reports, choose_port(cluster, session, nodes[0]), warnings

@@ -20,7 +20,7 @@ from .cluster import fan_out
 from .config import Cluster, Node, load_cluster
 from .errors import UgroError
 from .jobs import Jobs, now, validate_name
-from .logs import NodeLog
+from .logs import NodeLog, first_error
 from .state import Failure, JobStatus, NodeStatus, exit_code_int
 
 
@@ -72,9 +72,12 @@ class Supervisor:
                 return
             rank = f" rank {sink.failed_rank}" if sink.failed_rank is not None else ""
             how = error or f"exit code {code}"
+            tail = sink.tail()
+            cause = first_error(tail)
             self.failure = Failure(
                 node=node.name, rank=sink.failed_rank, exit_code=exit_code_int(code), at=now(),
-                summary=f"{node.name}{rank} failed first ({how})", log_tail=sink.tail(),
+                summary=f"{node.name}{rank} failed first ({how})" + (f": {cause}" if cause else ""),
+                log_tail=tail,
             )
         others = [n for n in self.nodes if n is not node]
         if others:

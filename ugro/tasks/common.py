@@ -14,7 +14,16 @@ from invoke.exceptions import Exit
 from ..config import Cluster, Node, load_cluster
 from ..errors import UgroError
 
-ROOT = Path(__file__).resolve().parents[2]
+
+def _project_root() -> Path:
+    """The checkout this package sits in (`inv` from a clone), else the current directory
+    (the installed `ugro` command, run from a project directory)."""
+    checkout = Path(__file__).resolve().parents[2]
+    return checkout if (checkout / "tasks.py").is_file() else Path.cwd()
+
+
+ROOT = _project_root()
+PROGRAM = "invoke"  # what `--help` re-executes: "invoke", "fabric" or "ugro"
 DEFAULTS = {
     "ugro": {
         "cluster": "config/cluster.yaml",
@@ -36,7 +45,7 @@ def cli(fn):
         if HELP_FLAGS & {v for v in (*args[1:], *kwargs.values()) if isinstance(v, str)}:
             # Invoke hands `inv cancel --help` to a positional argument as its
             # value; show the help the user asked for instead.
-            prog = "fabric" if "fabric.main" in sys.modules else "invoke"
+            prog = "fabric" if "fabric.main" in sys.modules else PROGRAM
             os.execv(sys.executable, [sys.executable, "-m", prog, "--help",
                                       fn.__name__.replace("_", "-")])
         try:

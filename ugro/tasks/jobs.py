@@ -21,30 +21,39 @@ def jobs_of(c) -> Jobs:
     return Jobs(project_path(c, "data_dir"))
 
 
-def launch_defaults(c) -> dict:
+def launch_defaults(c) -> tuple[dict, dict]:
+    """training_defaults.yaml's `launch:` section, and its `scripts:` (each script's defaults)."""
     path = project_path(c, "defaults")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        return {}
+        return {}, {}
     except yaml.YAMLError as exc:
         raise UgroError(f"{path}: invalid YAML ({exc})") from None
-    section = data.get("launch") or {}
-    if not isinstance(section, dict):
-        raise UgroError(f"{path}: launch: expected a mapping")
-    return section
+    sections = []
+    for key in ("launch", "scripts"):
+        section = data.get(key) or {} if isinstance(data, dict) else None
+        if not isinstance(section, dict):
+            raise UgroError(f"{path}: {key}: expected a mapping")
+        sections.append(section)
+    for script, values in sections[1].items():
+        if not isinstance(values, dict):
+            raise UgroError(f"{path}: scripts.{script}: expected a mapping of option: value")
+    return sections[0], sections[1]
 
 
 @task(
     help={
         "name": "job name (letters, digits, '.', '_', '-'); the job id adds a timestamp",
-        "epochs": "training epochs (passed to the script as --epochs)",
+        "epochs": "training epochs (passed to the script as --epochs; UGRO passes a script only "
+                  "the options you type, plus its own defaults under scripts: in "
+                  "config/training_defaults.yaml)",
         "lr": "learning rate (--lr)",
         "model": "model name or path (--model)",
         "dataset": "dataset name or path (--dataset)",
         "batch_size": "batch size per rank (--batch-size)",
-        "script": "training script, relative to the project (default from "
-                  "config/training_defaults.yaml: scripts/train_single_test.py)",
+        "script": "training script, relative to the project, or '-m package.module' (default "
+                  "from config/training_defaults.yaml: scripts/train_single_test.py)",
         "nodes": "comma-separated node names (default: every node)",
         "nproc_per_node": "ranks per node (default: the node's GPU count, or cpu_procs)",
         "detach": "return once every rank runs; the job is supervised in the background",
@@ -59,9 +68,9 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
            script=None, nodes=None, nproc_per_node=None, detach=False, resume=False,
            script_args=None, sync=False):
     """Run a distributed torchrun training job on the cluster's nodes."""
-    defaults = launch_defaults(c)
+    defaults, scripts = launch_defaults(c)
     cfg = LaunchConfig.from_options(
-        defaults, name=name, epochs=epochs, lr=lr, model=model, dataset=dataset,
+        defaults, scripts, name=name, epochs=epochs, lr=lr, model=model, dataset=dataset,
         batch_size=batch_size, script=script, nodes=nodes, nproc_per_node=nproc_per_node,
         detach=detach, resume=resume, script_args=script_args,
     )
@@ -76,7 +85,8 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
             raise UgroError("sync before launch failed: " + "; ".join(
                 f"{r.node}: {r.error}" for r in failed))
         print(sync_mod.sync_table(results), flush=True)
-    job_id = lifecycle.launch(jobs, cluster, cfg, ROOT)
+    job_id = lifecycle.launch(jobs, cluster, cfg, ROOT,
+                              warn=lambda line: print(f"ugro: note: {line}", file=sys.stderr))
     meta = jobs.metadata(job_id)
     where = ", ".join(f"{n} ({v['nproc']} rank{'s' if v['nproc'] > 1 else ''})"
                       for n, v in meta["nodes"].items())
