@@ -1,0 +1,402 @@
+"""Slurm as text: the batch script UGRO submits, the commands it runs, and what they print.
+
+No I/O here: the Slurm backend runs `submit()`, `squeue()`, `sacct()`,
+`show_job()` and `sinfo()` wherever the cluster's login node is, and hands
+their output to the parsers, which raise `UgroError` on anything they do not
+recognise. The formats the parsers read are the ones those functions ask for.
+
+The batch script runs on the first node of the allocation. It takes that node
+(`scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1`) as the c10d
+rendezvous host, picks a free port there, and `srun --kill-on-bad-exit=1`
+starts one task per node, each running one torchrun. A node's output goes to
+`<job dir>/nodes/<node>/output.log` and torchrun's exit code to `exit_code`
+beside it, as `commands.start_job` writes them on SSH nodes, exit marker
+included, so the same readers serve both.
+
+Finished jobs on Slurm 22.05 without slurmdbd: `sacct` answers only "Slurm
+accounting storage is disabled"; `squeue -t all` and `scontrol show job` keep
+a job for `MinJobAge` seconds (300 by default) after it ends, and the
+`exit_code` files in the job directory keep each node's code for good.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .commands import EXIT_MARKER, join, q, rpath
+from .config import ENV_KEY_RE
+from .errors import UgroError
+
+# UGRO's job statuses as plain strings until the JobStatus enum lands; this
+# table's values are where its members go.
+QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = (
+    "QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED",
+)
+STATUS = {
+    # CONFIGURING: nodes are booting for the job; allocated, but nothing of ours runs yet.
+    **dict.fromkeys(("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                     "RESV_DEL_HOLD"), QUEUED),
+    # COMPLETING: the processes have ended, the outcome is final once the epilog is done.
+    **dict.fromkeys(("RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING",
+                     "STAGE_OUT"), RUNNING),
+    "COMPLETED": COMPLETED,
+    # PREEMPTED (without requeue): ended by the scheduler, not by the user.
+    **dict.fromkeys(("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+                     "SPECIAL_EXIT", "PREEMPTED"), FAILED),
+    **dict.fromkeys(("CANCELLED", "REVOKED"), CANCELLED),
+}
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+TIME_RE = re.compile(
+    r"^(?:\d+(?::\d{1,2}){0,2}|\d+-\d{1,2}(?::\d{1,2}){0,2}|UNLIMITED|INFINITE)$"
+)
+SQUEUE_FORMAT = "%i|%T|%r|%D|%N"
+SACCT_FIELDS = "JobID,State,ExitCode,NodeList"
+SINFO_FORMAT = "%N|%P|%T|%c|%m|%G|%E"
+_MARKER = EXIT_MARKER.replace("\x1e", "\\036")  # as printf writes it
+
+
+def _node_addr(var: str) -> str:
+    """The NodeAddr of the node named in $var: its name unless the site set an address.
+
+    It is how Slurm itself reaches the node (and all the lab's nodes share 127.0.0.1).
+    """
+    return f"scontrol show node -o \"${var}\" | sed -n \"s/.* NodeAddr=\\([^ ]*\\).*/\\1/p\""
+
+
+def status(state: str) -> str:
+    """UGRO's status for a Slurm job state (`CANCELLED by 1000` reads as CANCELLED)."""
+    words = state.split()
+    base = words[0].rstrip("+") if words else ""
+    if base not in STATUS:
+        raise UgroError(f"unknown Slurm job state: {state!r}")
+    return STATUS[base]
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """Everything the batch script needs; checked on creation."""
+
+    job_id: str
+    job_dir: str  # absolute, on the filesystem every node shares
+    workdir: str  # where torchrun starts (`~/...` is the node's home)
+    nodes: int
+    python: list[str]
+    script: list[str]  # the training script and its arguments
+    nproc_per_node: int
+    gpus_per_node: int = 0
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_limit: str | None = None
+    setup: list[str] = field(default_factory=list)  # shell lines run before srun
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        def bad(what: str, value) -> UgroError:
+            return UgroError(f"slurm job {self.job_id!r}: {what}: {value!r}")
+
+        if not isinstance(self.job_id, str) or not NAME_RE.match(self.job_id):
+            raise bad("job id: use letters, digits, '.', '_', '+' or '-'", self.job_id)
+        for name in ("nodes", "nproc_per_node"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise bad(f"{name}: not a positive integer", value)
+        if type(self.gpus_per_node) is not int or self.gpus_per_node < 0:
+            raise bad("gpus_per_node: not a count", self.gpus_per_node)
+        for name in ("partition", "account", "qos"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not NAME_RE.match(value)):
+                raise bad(f"{name}: not a Slurm name", value)
+        if self.time_limit is not None and not TIME_RE.match(str(self.time_limit)):
+            raise bad("time_limit: not a Slurm time (minutes, H:M:S, D-H:M:S)", self.time_limit)
+        if not isinstance(self.job_dir, str) or not self.job_dir.startswith("/"):
+            raise bad("job_dir: not an absolute path", self.job_dir)
+        if not isinstance(self.workdir, str) or not self.workdir:
+            raise bad("workdir: empty", self.workdir)
+        for name in ("python", "script"):
+            argv = getattr(self, name)
+            if not argv or not all(isinstance(a, str) and a for a in argv):
+                raise bad(f"{name}: not a list of non-empty strings", argv)
+        for line in self.setup:
+            if not isinstance(line, str) or "\n" in line:
+                raise bad("setup: each line must be one line of text", line)
+        for key, value in self.env.items():
+            if not isinstance(key, str) or not ENV_KEY_RE.match(key):
+                raise bad("env: not an environment variable name", key)
+            if not isinstance(value, str):
+                raise bad(f"env.{key}: not a string", value)
+        texts = [self.job_dir, self.workdir, *self.python, *self.script, *self.setup,
+                 *self.env.values()]
+        if any("\0" in t for t in texts):
+            raise bad("a value contains a NUL byte", next(t for t in texts if "\0" in t))
+
+
+def torchrun(job: BatchJob) -> str:
+    """One node's torchrun command line; the rendezvous values come from the environment."""
+    return (
+        f"{join(job.python)} -m torch.distributed.run"
+        ' --nnodes "$SLURM_NNODES"'
+        f" --nproc-per-node {q(job.nproc_per_node)}"
+        " --max-restarts 0"
+        " --rdzv-backend c10d"
+        ' --rdzv-endpoint "$UGRO_RDZV_HOST:$UGRO_RDZV_PORT"'
+        f" --rdzv-id {q(job.job_id)}"
+        ' --rdzv-conf "is_host=$is_host"'
+        ' --local-addr "$addr"'
+        f" {join(job.script)}"
+    )
+
+
+def node_script(job: BatchJob) -> str:
+    """What `srun` runs on each node (as `bash -c SCRIPT ugro-node JOB_DIR`).
+
+    The TERM trap keeps the wrapper alive while Slurm signals the step (it
+    signals torchrun directly too), so the exit code is recorded either way.
+    """
+    return "\n".join([
+        'n=$SLURMD_NODENAME; d=$1/nodes/$n',
+        'mkdir -p "$d" || exit 1',
+        f"addr=$({_node_addr('n')}); addr=${{addr:-$n}}",
+        'is_host=0; [ "$n" = "$UGRO_RDZV_NODE" ] && is_host=1',
+        "export UGRO_NODE=$n",
+        "trap : TERM INT",
+        f'{torchrun(job)} >"$d/output.log" 2>&1 </dev/null',
+        "c=$?",
+        'echo $c >"$d/exit_code.tmp" && mv "$d/exit_code.tmp" "$d/exit_code"',
+        f'printf "\\n{_MARKER} %s\\n" $c >>"$d/output.log"',
+        "exit $c",
+    ])
+
+
+def batch_script(job: BatchJob) -> str:
+    """The sbatch script for `job`; `submit()` submits it from the job directory."""
+    directives = [
+        f"--job-name={job.job_id}",
+        f"--nodes={job.nodes}",
+        "--ntasks-per-node=1",
+    ]
+    gres = [f"--gres=gpu:{job.gpus_per_node}"] if job.gpus_per_node else []
+    directives += gres
+    for name in ("partition", "account", "qos"):
+        if getattr(job, name):
+            directives.append(f"--{name}={getattr(job, name)}")
+    if job.time_limit:
+        directives.append(f"--time={job.time_limit}")
+    env = {**job.env, "UGRO_JOB_ID": job.job_id}
+    srun = [
+        "srun", "--kill-on-bad-exit=1", '--nodes="$SLURM_NNODES"',
+        '--ntasks="$SLURM_NNODES"', "--ntasks-per-node=1", *gres,
+        "bash", "-c", q(node_script(job)), "ugro-node", q(job.job_dir),
+    ]
+    port = 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+    lines = [
+        "#!/bin/bash",
+        f"# UGRO job {job.job_id}: one torchrun per node, c10d rendezvous on the first node.",
+        *(f"#SBATCH {d}" for d in directives),
+        f"cd {rpath(job.workdir)} || exit 1",
+        *job.setup,
+        *(f"export {k}={q(v)}" for k, v in sorted(env.items())),
+        'UGRO_RDZV_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f"UGRO_RDZV_HOST=$({_node_addr('UGRO_RDZV_NODE')})",
+        'UGRO_RDZV_HOST=${UGRO_RDZV_HOST:-$UGRO_RDZV_NODE}',
+        # This script runs on the first node, so a port free here is free for the store.
+        f"UGRO_RDZV_PORT=$({join(job.python)} -c {q(port)}) || exit 1",
+        "export UGRO_RDZV_NODE UGRO_RDZV_HOST UGRO_RDZV_PORT",
+        'echo "ugro: $SLURM_JOB_NODELIST, rendezvous $UGRO_RDZV_HOST:$UGRO_RDZV_PORT"',
+        " ".join(srun),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+BATCH_FILE = "batch.sh"
+
+
+def submit(job_dir: str) -> str:
+    """Submit the job directory's batch script; Slurm's own output lands there as slurm-<id>.out."""
+    return f"cd {rpath(job_dir)} && sbatch --parsable {BATCH_FILE}"
+
+
+def cancel(slurm_id: str) -> str:
+    return f"scancel {q(_slurm_id(slurm_id))}"
+
+
+def squeue(slurm_ids: list[str]) -> str:
+    ids = ",".join(_slurm_id(i) for i in slurm_ids)
+    return f"squeue -h -t all -j {q(ids)} -o {q(SQUEUE_FORMAT)}"
+
+
+def sacct(slurm_ids: list[str]) -> str:
+    ids = ",".join(_slurm_id(i) for i in slurm_ids)
+    return f"sacct -n -P -j {q(ids)} -o {q(SACCT_FIELDS)}"
+
+
+def show_job(slurm_id: str) -> str:
+    return f"scontrol show job -o {q(_slurm_id(slurm_id))}"
+
+
+def sinfo(partition: str | None = None) -> str:
+    if partition is not None and not NAME_RE.match(partition):
+        raise UgroError(f"not a Slurm partition name: {partition!r}")
+    part = f" -p {q(partition)}" if partition else ""
+    return f"sinfo -h -N{part} -o {q(SINFO_FORMAT)}"
+
+
+def _slurm_id(value: str) -> str:
+    if not re.fullmatch(r"\d+(?:_\d+)?(?:\.\w+)?", str(value)):
+        raise UgroError(f"not a Slurm job id: {value!r}")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """One job (or, from sacct, one step: `123.batch`, `123.0`) as Slurm reports it."""
+
+    slurm_id: str
+    state: str  # Slurm's, e.g. PENDING, "CANCELLED by 0"
+    reason: str | None = None  # why it is pending, e.g. Resources, Priority
+    nodelist: str | None = None  # compressed, e.g. gpu[01-04]
+    exit_code: int | None = None
+    signal: int | None = None
+
+    @property
+    def status(self) -> str:
+        return status(self.state)
+
+    @property
+    def is_step(self) -> bool:
+        return "." in self.slurm_id
+
+
+@dataclass(frozen=True)
+class SlurmNode:
+    name: str
+    partition: str
+    state: str  # sinfo's long form with its flags, e.g. idle, mixed, down*, drained
+    cpus: int
+    memory_mb: int
+    gres: str | None
+    reason: str | None
+
+    @property
+    def usable(self) -> bool:
+        """Up and schedulable: not down, drained, failing, powered off or unresponsive."""
+        base = re.match(r"[a-z_]*", self.state).group(0)
+        flags = self.state[len(base):]
+        return base in {"idle", "mixed", "allocated", "completing", "planned"} and not (
+            set(flags) & set("*~#!%")
+        )
+
+
+def parse_submit(text: str) -> str:
+    """`sbatch --parsable` prints `123` or `123;cluster`."""
+    line = text.strip().split(";")[0]
+    if not re.fullmatch(r"\d+", line):
+        raise UgroError(f"sbatch: expected a job id, got {text.strip()[:200]!r}")
+    return line
+
+
+def _fields(tool: str, text: str, count: int) -> list[list[str]]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("|", count - 1)
+        if len(parts) != count:
+            raise UgroError(f"{tool}: line {n}: expected {count} '|'-separated fields, "
+                            f"got {line[:200]!r}")
+        rows.append([p.strip() for p in parts])
+    return rows
+
+
+def _none(value: str) -> str | None:
+    return None if value in ("", "(null)", "None", "none", "N/A", "None assigned") else value
+
+
+def _exit(tool: str, value: str) -> tuple[int | None, int | None]:
+    """Slurm's `code:signal` pair."""
+    if value in ("", "N/A"):
+        return None, None
+    m = re.fullmatch(r"(\d+):(\d+)", value)
+    if not m:
+        raise UgroError(f"{tool}: not an exit code: {value!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _job(tool: str, slurm_id: str, state: str, **kw) -> SlurmJob:
+    try:
+        _slurm_id(slurm_id)
+    except UgroError:
+        raise UgroError(f"{tool}: not a Slurm job id: {slurm_id[:200]!r}") from None
+    status(state)  # an unknown state is an error here, not later
+    return SlurmJob(slurm_id, state, **kw)
+
+
+def parse_squeue(text: str) -> list[SlurmJob]:
+    """Output of `squeue()`; a job with no reason to report shows None."""
+    return [
+        _job("squeue", i, state, reason=_none(reason), nodelist=_none(nodes))
+        for i, state, reason, _count, nodes in _fields("squeue", text, 5)
+    ]
+
+
+def parse_sacct(text: str) -> list[SlurmJob]:
+    """Output of `sacct()`: the job's row, then one per step."""
+    jobs = []
+    for i, state, code, nodes in _fields("sacct", text, 4):
+        exit_code, sig = _exit("sacct", code)
+        jobs.append(_job("sacct", i, state, nodelist=_none(nodes), exit_code=exit_code,
+                         signal=sig))
+    return jobs
+
+
+_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_:/]*=")
+
+
+def parse_scontrol(text: str) -> list[dict[str, str]]:
+    """`scontrol show job|node` output (one-line `-o` or the indented form) as records.
+
+    A value may hold spaces (`OS=Linux 6.1.0 #1 SMP`, a `Reason=` text): a
+    word without `Key=` in front belongs to the value before it.
+    """
+    records: list[dict[str, str]] = []
+    key = ""
+    for word in text.split():
+        m = _KEY.match(word)
+        if m:
+            key, value = word[: m.end() - 1], word[m.end():]
+            if key in ("JobId", "NodeName"):
+                records.append({})
+        if not records:
+            raise UgroError(f"scontrol: expected JobId= or NodeName= first, got {word[:200]!r}")
+        if m:
+            records[-1][key] = value
+        else:
+            records[-1][key] += " " + word
+    return records
+
+
+def parse_show_job(text: str) -> list[SlurmJob]:
+    """`show_job()` output."""
+    jobs = []
+    for rec in parse_scontrol(text):
+        if "JobId" not in rec or "JobState" not in rec:
+            raise UgroError(f"scontrol: not a job record: {str(rec)[:200]}")
+        code, sig = _exit("scontrol", rec.get("ExitCode", ""))
+        jobs.append(_job("scontrol", rec["JobId"], rec["JobState"],
+                         reason=_none(rec.get("Reason", "")),
+                         nodelist=_none(rec.get("NodeList", "")), exit_code=code, signal=sig))
+    return jobs
+
+
+def parse_sinfo(text: str) -> list[SlurmNode]:
+    """`sinfo()` output: one row per node and partition (the default one loses its `*`)."""
+    nodes = []
+    for name, part, state, cpus, mem, gres, reason in _fields("sinfo", text, 7):
+        if not cpus.isdigit() or not mem.isdigit():
+            raise UgroError(f"sinfo: {name}: CPUs and memory must be numbers: {cpus!r}, {mem!r}")
+        nodes.append(SlurmNode(name, part.rstrip("*"), state, int(cpus), int(mem),
+                               _none(gres), _none(reason)))
+    return nodes
