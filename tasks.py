@@ -6,11 +6,11 @@ tasks appear here at the top level (`inv health`, `inv launch`, ...).
 
 from invoke import Collection
 
-from ugro.tasks import cluster, jobs, sync, views
+from ugro.tasks import cluster, jobs, monitor, sync, views
 from ugro.tasks.common import DEFAULTS
 
 ns = Collection()
-for sub in (cluster.ns, jobs.ns, sync.ns, views.ns):
+for sub in (cluster.ns, jobs.ns, monitor.ns, sync.ns, views.ns):
     for t in sub.tasks.values():
         ns.add_task(t)
 ns.configure(DEFAULTS)
