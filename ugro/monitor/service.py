@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 import threading
 from dataclasses import dataclass
@@ -34,11 +33,9 @@ class MonitorConfig:
 
     @property
     def needs_token(self) -> bool:
-        # Loopback is reachable only from this machine; any other address is the network's.
-        try:
-            return not ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return self.host != "localhost"
+        # Only the default's own address is open; on any other one (even another loopback
+        # address, which a container or port forward may expose) the token is required.
+        return self.host not in ("127.0.0.1", "localhost", "::1")
 
 
 class Monitor:

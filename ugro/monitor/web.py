@@ -2,7 +2,7 @@
 
 Pages (`/`, `/jobs`, `/job/<id>`, `/compare?jobs=a,b`) are one HTML file whose script asks the
 JSON endpoints and polls them for live updates; the charts are uPlot, shipped in `static/vendor`.
-Off loopback every request needs the token (`?token=`, a `Bearer` header, or the cookie the
+Off 127.0.0.1 every request needs the token (`?token=`, a `Bearer` header, or the cookie the
 first `?token=` visit sets), compared in constant time; without it the answer is 401.
 """
 
