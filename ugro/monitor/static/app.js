@@ -54,7 +54,7 @@ function chart(box, id, xs, series, opts = {}) {
     series: [{ label: opts.xlabel || "time" },
              ...series.map((s, i) => ({ label: s.label, stroke: COLORS[i % COLORS.length],
                                         width: 1.5, points: { show: points < 60 } }))],
-    axes: [{}, { label: opts.ylabel }],
+    axes: [{}, { label: opts.ylabel, size: 64 }],
   }, data, box);
   charts[id] = u;
 }
@@ -117,7 +117,8 @@ async function jobsPage() {
     return card;
   });
   return [
-    el("h2", {}, "Running"), running.length ? running : el("p", { class: "muted" }, "no running jobs"),
+    el("h2", {}, "Running"),
+    running.length ? el("div", {}, running) : el("p", { class: "muted" }, "no running jobs"),
     el("h2", {}, "Queued"),
     data.queued.length ? table(["job", "reason"], data.queued.map(j => [jobLink(j.job_id), j.reason]))
       : el("p", { class: "muted" }, "no queued jobs"),
