@@ -7,6 +7,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,8 +45,6 @@ def established(host: str, port: int) -> int:
 def test_sampler_reads_every_node_over_one_connection_each(lab, tmp_path):
     cluster = cluster_of(lab, tmp_path)
     series = Series(tmp_path / "s.sqlite3")
-    import threading
-
     watchers = [NodeWatcher(cluster, n, series, 1.0, threading.Event()) for n in cluster.nodes]
     try:
         for _ in range(3):
@@ -80,8 +80,6 @@ def test_lost_node_is_down_since_then_comes_back(tmp_path):
     try:
         cluster = cluster_of(lab, tmp_path, timeout=2.0)
         series = Series(tmp_path / "s.sqlite3")
-        import threading
-
         w = NodeWatcher(cluster, cluster.nodes[0], series, 1.0, threading.Event())
         assert w.sample_once().up
         node = lab.nodes[0]
@@ -274,3 +272,22 @@ def test_dashboard_pages_render_in_a_real_browser(lab, tmp_path):
     assert "exp_20260101_100000" in dom["jobs"] and "no queued jobs" in dom["jobs"]
     assert "RuntimeError: boom" in dom["job"] and "lab1 r2 |" in dom["job"]
     assert 'class="differs"' in dom["compare"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_inv_monitor_prints_the_url_and_stops_cleanly(lab, tmp_path, sig):
+    env = {**os.environ, "INVOKE_UGRO_CLUSTER": str(lab.cluster_file(tmp_path / "c.yaml")),
+           "INVOKE_UGRO_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "monitor", "--port", "0"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(3)]
+        url = lines[1].split()[1]
+        assert url.startswith("http://127.0.0.1:") and get(url + "api/cluster")[0] == 200
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out.strip().endswith("ugro monitor: stopped") and "Traceback" not in err
