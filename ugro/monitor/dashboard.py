@@ -54,7 +54,7 @@ def curve(points: list[MetricPoint], limit: int = CURVE_POINTS) -> dict:
     return {"step": [s for s, _ in pairs], "loss": [_clean(v) for _, v in pairs]}
 
 
-def jobs_view(data_dir: Path, snap: Snapshot, series: Series) -> dict:
+def jobs_view(data_dir: Path, snap: Snapshot) -> dict:
     jobs = Jobs(data_dir)
     running, recent, queued = [], [], []
     for job_id in progress.watched(jobs):

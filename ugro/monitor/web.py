@@ -94,7 +94,7 @@ class Handler(BaseHTTPRequestHandler):
             seconds = _number(query.get("seconds", "3600"), "seconds")
             return self._json(dashboard.history(app.series, query.get("node", ""), seconds, now))
         if path == "/api/jobs":
-            return self._json(dashboard.jobs_view(app.data_dir, app.snapshot(), app.series))
+            return self._json(dashboard.jobs_view(app.data_dir, app.snapshot()))
         if path.startswith("/api/job/"):
             lines = int(_number(query.get("lines", "50"), "lines"))
             return self._json(dashboard.job_view(app.data_dir, unquote(path[9:]), now, lines))
