@@ -32,6 +32,20 @@ GPU_CSV = {
         "1, NVIDIA GeForce RTX 3090, 24576, 1, 0, 33, 535.183.01",
     ],
 }
+# The same GPUs as the monitor asks for them: `--query-gpu=index,uuid,name,memory.total,
+# memory.used,utilization.gpu,temperature.gpu,power.draw --format=csv,noheader,nounits`.
+GPU_MONITOR_CSV = {
+    "rtx4070": ["0, GPU-5b3a2f0e-7c1d-4e8a-9f6b-0a1b2c3d4e50, NVIDIA GeForce RTX 4070, 8188, "
+                "415, 3, 38, 14.52"],
+    "rtx3070ti": ["0, GPU-0c9e8d7f-6a5b-4c3d-2e1f-0a9b8c7d6e51, NVIDIA GeForce RTX 3070 Ti, "
+                  "8192, 1021, 17, 45, 31.07"],
+    "2x3090": [
+        "0, GPU-e1d2c3b4-a596-4788-9a0b-1c2d3e4f5a52, NVIDIA GeForce RTX 3090, 24576, 20113, "
+        "98, 71, 342.18",
+        "1, GPU-f0e1d2c3-b4a5-4687-8a9b-0c1d2e3f4a53, NVIDIA GeForce RTX 3090, 24576, 1, 0, 33, "
+        "[N/A]",
+    ],
+}
 SMI_BROKEN = (
     "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
     "Make sure that the latest NVIDIA driver is installed and running."
@@ -117,9 +131,13 @@ class Lab:
             body = f"echo {SMI_BROKEN!r}\nexit 9\n"
         else:
             lines = "\n".join(GPU_CSV[gpus])
+            monitor = "\n".join(GPU_MONITOR_CSV.get(gpus, []))
             body = (
                 'case "$*" in *--query-gpu=index,name,memory.total,memory.used,utilization.gpu,'
                 "temperature.gpu,driver_version*--format=csv,noheader,nounits*) ;;\n"
+                "  *--query-gpu=index,uuid,name,memory.total,memory.used,utilization.gpu,"
+                "temperature.gpu,power.draw*--format=csv,noheader,nounits*)\n"
+                f"    cat <<'EOF'\n{monitor}\nEOF\n    exit 0;;\n"
                 '  *) echo "stand-in nvidia-smi: unsupported arguments: $*" >&2; exit 2;; esac\n'
                 f"cat <<'EOF'\n{lines}\nEOF\n"
             )

@@ -470,3 +470,24 @@ def env_fingerprint(node: Node, lock: str, packages: bool = False) -> str:
         f"if cd {rpath(node.project_path)} 2>/dev/null; then L={q(lock)}; else cd; L=; fi; "
         f'{join(argv)} "$L"{flag}'
     )
+
+
+# -- monitor: one cheap sample of a node (shell, /proc, df, nvidia-smi; no Python start) --
+MONITOR_MARK = "UGRO_MON"
+GPU_QUERY = "index,uuid,name,memory.total,memory.used,utilization.gpu,temperature.gpu,power.draw"
+
+
+def monitor_sample(node: Node) -> str:
+    """Print load, memory, the project path's free disk and every GPU, each after a marker line.
+
+    `gpu-exit` carries nvidia-smi's exit status, or `none` when the node has no nvidia-smi.
+    """
+    mark = q(MONITOR_MARK)
+    return (
+        f"echo {mark} load; cat /proc/loadavg; "
+        f"echo {mark} mem; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo; "
+        f"echo {mark} disk; {free_space(node)}; "
+        f"echo {mark} gpu; if command -v nvidia-smi >/dev/null 2>&1; then "
+        f"nvidia-smi {q('--query-gpu=' + GPU_QUERY)} --format=csv,noheader,nounits 2>&1; "
+        f"echo {mark} gpu-exit $?; else echo {mark} gpu-exit none; fi"
+    )

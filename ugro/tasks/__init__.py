@@ -8,11 +8,11 @@ Each module here is one collection; its tasks appear at the top level
 
 from invoke import Collection
 
-from . import cluster, jobs, sync, views
+from . import cluster, jobs, monitor, sync, views
 from .common import DEFAULTS
 
 ns = Collection()
-for sub in (cluster.ns, jobs.ns, sync.ns, views.ns):
+for sub in (cluster.ns, jobs.ns, monitor.ns, sync.ns, views.ns):
     for t in sub.tasks.values():
         ns.add_task(t)
 ns.configure(DEFAULTS)
