@@ -158,7 +158,8 @@ def test_a_script_missing_on_a_node_is_refused_in_preflight(inv, cluster, lab):
     (lab.nodes[2].project / "foreign/only_two.py").unlink(missing_ok=True)
     for node in lab.nodes[:2]:
         (node.project / "foreign/only_two.py").write_text(POSITIONAL)
-    r = inv("launch", "--name", "two", "--script", "foreign/only_two.py", "--script-args", "1 1",
+    r = inv("launch", "--name", "two", "--script", "foreign/only_two.py", "--nproc-per-node", "1",
+            "--script-args", "1 1",
             cluster=cluster, check=1)
     assert r.stderr.strip() == ("ugro: preflight: script foreign/only_two.py not found on lab2 "
                                 "(in the project path; run: inv sync)")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT
 
 from ugro import procs
@@ -198,18 +199,28 @@ def test_killed_supervisor_is_reconciled_from_the_nodes(inv, cluster, lab):
     assert "lab1 r1 | rank 1/3 up" in (logs / "lab1.log").read_text()
 
 
-def test_local_cluster_quick_start(inv):
-    """The README's first command, on the shipped config/cluster.yaml (2 CPU ranks, no SSH)."""
+def test_local_cluster_quick_start(inv, tmp_path):
+    """The README's first command, on the shipped config/cluster.yaml (2 CPU ranks, no SSH).
+
+    Only its project path is moved to a temporary directory, so the node's own files (pgid,
+    checkpoints) are written there and never into this checkout.
+    """
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "scripts").symlink_to(ROOT / "scripts")
+    shipped = yaml.safe_load((ROOT / "config/cluster.yaml").read_text())
+    shipped["master"]["project_path"] = str(project)
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump(shipped))
     r = inv("launch", "--name", "demo", "--epochs", "2", "--script-args", FAST,
-            timeout=240, env={"INVOKE_UGRO_CLUSTER": "config/cluster.yaml"})
+            timeout=240, cluster=cluster)
     assert r.returncode == 0, r.stdout + r.stderr
     job_id, meta = only_job(inv.data)
-    # The local node's own files land in this checkout's data/ (its project path).
-    shutil.rmtree(ROOT / "data" / "experiments" / job_id, ignore_errors=True)
     assert meta["status"] == "COMPLETED" and meta["world_size"] == 2
     metrics = [json.loads(x) for x in
                (inv.data / "experiments" / job_id / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert (project / "data/experiments" / job_id / "checkpoints/epoch_2.pt").exists()
     assert "local r1 |" in (inv.data / "experiments" / job_id / "logs/local.log").read_text() \
         or "local r0 |" in r.stdout
 
@@ -256,12 +267,8 @@ for i in range(int(os.environ.get("LINES", "30000"))):
 def test_no_log_line_is_lost_however_fast_the_ranks_print(inv, cluster, lab):
     for node in lab.nodes:
         (node.project / "spew.py").write_text(SPEW)
-    (ROOT / "spew.py").write_text(SPEW)  # preflight checks the script exists here too
-    try:
-        r = inv("launch", "--name", "spew", "--nproc-per-node", "1", "--script", "spew.py",
-                cluster=cluster, timeout=240)
-    finally:
-        (ROOT / "spew.py").unlink()
+    r = inv("launch", "--name", "spew", "--nproc-per-node", "1", "--script", "spew.py",
+            cluster=cluster, timeout=240)
     assert r.returncode == 0, r.stderr
     job_id, meta = only_job(inv.data)
     seen = {}

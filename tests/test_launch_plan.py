@@ -146,3 +146,17 @@ def test_node_log_prefixes_lines_and_reads_the_exit_marker(tmp_path):
         "gpu1 r1 |   rank      : 1 (local_rank: 0)",
     ]
     assert sink.exit == "3" and sink.failed_rank == 1
+
+
+def test_rendezvous_is_on_the_lowest_ranked_chosen_node(homelab):
+    cfg = LaunchConfig(name="x", script="s.py", nodes="gpu2")
+    (only,) = plan(homelab, cfg, "x_1", 29500)
+    assert only.argv[only.argv.index("--rdzv-endpoint") + 1] == "192.168.1.102:29500"
+    assert "is_host=1" in only.argv
+    # A master that does not train is never in a plan; the first worker hosts.
+    text = (ROOT / "config/examples/homelab.yaml").read_text().replace(
+        "  train: true ", "  train: false ", 1)
+    control_only = parse_cluster(text, Path("h.yaml"), ROOT)
+    plans = plan(control_only, LaunchConfig(name="x", script="s.py"), "x_1", 29500)
+    assert [p.node.name for p in plans] == ["gpu1", "gpu2"]
+    assert plans[0].argv[plans[0].argv.index("--rdzv-endpoint") + 1] == "192.168.1.101:29500"
