@@ -109,23 +109,46 @@ _SIGNALS = (
 )
 
 
-def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str]) -> str:
+# The rendezvous store, run by the node that hosts the rendezvous beside its torchrun, in the
+# job's process group. torchrun's own host agent closes the store as it exits, while the other
+# nodes' agents are still shutting the rendezvous down through it ("recvVector failed", C++
+# frames, "failed to shutdown the rendezvous" on every other node). This store outlives its
+# node's torchrun until the job's group is stopped (the supervisor does that once every node
+# has ended), or for at most `grace` seconds, so no node's shutdown finds it gone.
+RDZV_STORE = r"""
+import os, sys, time
+from datetime import timedelta
+from torch.distributed import TCPStore
+host, port, grace, done = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+store = TCPStore(host, port, is_master=True, wait_for_workers=False,
+                 timeout=timedelta(seconds=60))
+while not os.path.exists(done):
+    time.sleep(0.2)
+time.sleep(grace)
+"""
+
+
+def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str],
+              store: list[str] | None = None) -> str:
     """Start `argv` in its own session in the background; print the group id.
 
     The group leader records its pid as `pgid`, and the exit code of `argv` as
     `exit_code` when it ends, both atomically, in the node's job directory.
     Output goes to `output.log` there, so a dropped SSH session loses nothing;
     the exit marker is appended to it last, so a reader that stops at the
-    marker has read every line.
+    marker has read every line. `store` (argv) runs beside it in the same group,
+    with the exit-code path as its last argument (`RDZV_STORE`).
     """
     d = node_job_dir(node, job_id)
     bad = [k for k in env if not ENV_KEY.match(k)]
     if bad:
         raise ValueError(f"not environment variable names: {bad}")
     tags = {"UGRO_JOB_ID": job_id, "UGRO_NODE": node.name}
+    store_line = f'{join(store)} "$0"' if store else ""
     exports = " ".join(f"{k}={q(v)}" for k, v in sorted({**env, **tags}.items()))
     wrapper = (
         'echo $$ >"$0/pgid.tmp" && mv "$0/pgid.tmp" "$0/pgid"; '
+        's=$1; shift; [ -z "$s" ] || { sh -c "$s" "$0/exit_code" >"$0/store.log" 2>&1 & }; '
         '"$@" >"$0/output.log" 2>&1 </dev/null; c=$?; '
         'echo $c >"$0/exit_code.tmp"; mv "$0/exit_code.tmp" "$0/exit_code"; '
         f"printf '\\n{_MARKER_PRINTF} %s\\n' $c >>\"$0/output.log\""
@@ -139,7 +162,7 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str]) -> 
         f'export UGRO_JOB_DIR="$PWD"/{q(job_path(job_id))} '
         f'UGRO_METRICS_FILE="$PWD"/{q(job_path(job_id, "metrics.jsonl"))} && '
 
-        f'{{ nohup setsid sh -c {q(wrapper)} "$PWD/$D" {join(argv)} '
+        f'{{ nohup setsid sh -c {q(wrapper)} "$PWD/$D" {q(store_line)} {join(argv)} '
         ">/dev/null 2>&1 </dev/null & }; "
         'i=0; while [ ! -s "$D/pgid" ] && [ $i -lt 200 ]; do sleep 0.02; i=$((i+1)); done; '
         'cat "$D/pgid"',

@@ -21,6 +21,7 @@ from .errors import UgroError
 from .jobs import validate_name
 from .wording import differs, group_by
 
+STORE_GRACE = 60  # seconds the rendezvous store outlives its node's torchrun at most
 PORT_SEARCH = 50  # how far past a busy master port `next-free` looks
 RANK_PREFIX = "[rank${rank}]:"  # torchrun's per-line prefix template
 
@@ -132,6 +133,7 @@ class NodePlan:
     nproc: int
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    store: list[str] | None = None  # the rendezvous store the host node runs beside torchrun
 
 
 def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[NodePlan]:
@@ -161,7 +163,8 @@ def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[No
                 "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"{master.host}:{port}",
                 "--rdzv-id", job_id,
-                "--rdzv-conf", f"is_host={1 if node is master else 0}",
+                # The store is the host node's own process (`store` below), not an agent's.
+                "--rdzv-conf", "is_host=0",
                 # The address the other nodes reach this one by; c10d also
                 # orders global ranks by it (it ignores --node-rank).
                 "--local-addr", node.host,
@@ -176,7 +179,11 @@ def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[No
             "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": RANK_PREFIX,
             "PYTHONUNBUFFERED": "1",
         }
-        plans.append(NodePlan(node, node_rank, procs[node.name], argv, env))
+        store = None
+        if cluster.rdzv_backend == "c10d" and node is master:
+            store = node.python.argv() + ["-c", commands.RDZV_STORE, master.host, str(port),
+                                          str(STORE_GRACE)]
+        plans.append(NodePlan(node, node_rank, procs[node.name], argv, env, store))
     return plans
 
 

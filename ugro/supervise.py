@@ -41,6 +41,8 @@ class Supervisor:
         with closing(backend_for(self.cluster)) as streams, \
                 closing(backend_for(self.cluster)) as killer:
             codes = fan_out(self.nodes, lambda n: self._watch(streams, killer, n, logs_dir))
+            # Every node has ended: the rendezvous store beside the host's torchrun can go.
+            killer.stop(self.nodes[:1], self.job_id, self.grace)
             self._fetch_outputs(streams)
         nodes = {name: {"exit_code": exit_code_int(code),
                         "status": NodeStatus.COMPLETED if code == "0" else NodeStatus.FAILED}

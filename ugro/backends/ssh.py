@@ -29,7 +29,7 @@ class SSHBackend:
         self.session = session or Session(cluster)
 
     def command_line(self, job_id: str, plan: NodePlan) -> str:
-        return commands.start_job(plan.node, job_id, plan.argv, plan.env)
+        return commands.start_job(plan.node, job_id, plan.argv, plan.env, plan.store)
 
     def start(self, job_id: str, plans: list[NodePlan]) -> dict[str, int | str]:
         by_name = {p.node.name: p for p in plans}
