@@ -77,7 +77,7 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
         ("num_nodes", num_nodes), ("min_gpu_mem", min_gpu_mem), ("priority", priority),
         ("after", after)) if v is not None]
     if asked and not queue:
-        raise UgroError(f"{', '.join(asked)} only apply to queued jobs: add --queue")
+        raise UgroError(f"{', '.join(asked)}: only for queued jobs; add --queue")
     if queue:
         cfg = replace(cfg, queue=True, num_nodes=whole("num-nodes", num_nodes),
                       min_gpu_mem=min_gpu_mem, priority=whole("priority", priority) or 0,
