@@ -237,9 +237,12 @@ def run_pass(jobs: Jobs, cluster: Cluster, root: Path) -> Pass:
             meta = _metadata(jobs, a)
             before[a] = (meta.get("name", a), JobStatus.parse(meta.get("status")))
         decision = decide(queue, held, {}, before)
-        if decision.starts:  # only then is the nodes' health worth a probe
-            pools = {w.job_id: w.request.pool for w in queue}
-            ready = set().union(*(pools[j] for j in decision.starts)) - set(held)
+        # Health matters to the choice only where a job takes any K of a pool; a job that
+        # names its nodes is checked by the launch's own preflight, which one probe less
+        # keeps off the gap between jobs.
+        pools = {w.job_id: w.request for w in queue}
+        if any(pools[j].count < len(pools[j].pool) for j in decision.starts):
+            ready = set().union(*(pools[j].pool for j in decision.starts)) - set(held)
             reports = health.check(cluster, cluster.select(",".join(sorted(ready))))
             down = {r.node: down_reason(r) for r in reports if not r.healthy}
             decision = decide(queue, held, down, before)
