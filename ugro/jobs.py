@@ -92,16 +92,46 @@ class Jobs:
     # -- transitions --------------------------------------------------------
     def begin(self, job_id: str, name: str, *, cluster_file: str, world_size: int, master: str,
               nodes: dict[str, dict]) -> dict:
-        """The first record of a job: PENDING, each node `starting` with its rank and rank count."""
+        """The first record of a job: PENDING, each node `starting` with its rank and rank count.
+
+        A queued job keeps its creation time and its queue facts (`enqueue`).
+        """
+        path = self.dir(job_id) / "metadata.json"
+        queued = store.read_json(path) if path.exists() else {}
         meta = {
             "job_id": job_id, "name": name, "status": JobStatus.PENDING,
-            "created_at": now(), "started_at": None, "ended_at": None,
+            "created_at": queued.get("created_at") or now(), "started_at": None, "ended_at": None,
             "cluster_file": cluster_file, "world_size": world_size, "master": master,
             "nodes": {node: {**facts, "status": NodeStatus.STARTING, "pgid": None,
                              "exit_code": None} for node, facts in nodes.items()},
         }
+        if "queue" in queued:
+            meta["queue"] = queued["queue"]
+        store.write_json(path, meta)
+        return meta
+
+    def enqueue(self, job_id: str, name: str, *, cluster_file: str, queue: dict) -> dict:
+        """The first record of a queued job: QUEUED, no nodes yet, the request in `queue`."""
+        meta = {
+            "job_id": job_id, "name": name, "status": JobStatus.QUEUED,
+            "created_at": now(), "started_at": None, "ended_at": None,
+            "cluster_file": cluster_file, "world_size": None, "master": None, "nodes": {},
+            "queue": queue,
+        }
         store.write_json(self.dir(job_id) / "metadata.json", meta)
         return meta
+
+    def note_queue(self, job_id: str, facts: dict) -> dict:
+        """Update a queued job's queue facts (why it waits, since when)."""
+        return self._update(job_id, lambda meta: meta.setdefault("queue", {}).update(facts))
+
+    def requeue(self, job_id: str, why: str) -> dict:
+        """Put a claimed job whose start never reached any node back in the queue."""
+        def change(meta):
+            meta.update(status=JobStatus.QUEUED, nodes={}, world_size=None, master=None)
+            meta["queue"].update(reason=why, since=now())
+
+        return self._update(job_id, change)
 
     def mark_running(self, job_id: str, pgids: dict[str, int]) -> dict:
         """RUNNING from now; these nodes' process groups started."""

@@ -27,7 +27,7 @@ from .config import Cluster, Node
 from .errors import UgroError
 from .jobs import Jobs, git_state
 from .plan import LaunchConfig, plan, preflight, ranks_per_node
-from .state import JobStatus, NodeStatus, is_active
+from .state import JobStatus, NodeStatus, holds_nodes, is_active
 from .supervise import Supervisor
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -40,28 +40,30 @@ def busy_nodes(jobs: Jobs, cluster: Cluster, nodes: tuple[Node, ...]) -> list[st
     for job_id in jobs.active():
         meta = reconcile(jobs, cluster, job_id)
         shared = wanted & set(meta.get("nodes", {}))
-        if is_active(meta.get("status")) and shared:
+        if holds_nodes(meta.get("status")) and shared:
             holding.append(f"{job_id} ({meta['status']} on {', '.join(sorted(shared))})")
     return holding
 
 
 def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
-           warn=lambda line: None) -> str:
+           warn=lambda line: None, queued: str | None = None) -> str:
     """Preflight, record, start every node, hand over to a supervisor; returns the job id.
 
     `warn` hears what preflight found harmless but worth saying (a Python patch release
-    that differs). Nothing is recorded until the plan is valid.
+    that differs). Nothing is recorded until the plan is valid. `queued` is a queued job's
+    id: its record exists already (`ugro.schedule` made it, and chose the nodes in
+    `cfg.nodes`), and it starts here by the same path as any launch.
     """
     ranks_per_node(cluster, cfg)  # a plan that cannot work is refused before anything runs
     with store.locked(jobs.data_dir / ".launch.lock"), Session(cluster) as session:
         holding = busy_nodes(jobs, cluster, cluster.select(cfg.nodes))
         if holding:
-            raise UgroError(f"nodes are busy with job {'; '.join(holding)}; "
-                            "wait for it or run: inv cancel <job>")
+            raise UgroError(f"nodes are busy with job {'; '.join(holding)}; wait for it, "
+                            "add --queue to start once they are free, or run: inv cancel <job>")
         reports, port, warnings = preflight(cluster, cfg, session)
         for line in warnings:
             warn(line)
-        job_id = jobs.create(cfg.name)
+        job_id = queued or jobs.create(cfg.name)
         plans = plan(cluster, cfg, job_id, port)
         backend = backend_for(cluster)
         master = f"{plans[0].node.host}:{port}"
@@ -165,7 +167,7 @@ def reconcile(jobs: Jobs, cluster: Cluster, job_id: str) -> dict:
     record is written from their exit-code files (and their logs fetched).
     """
     meta = jobs.metadata(job_id)
-    if not is_active(meta.get("status")) or supervisor_alive(meta):
+    if not holds_nodes(meta.get("status")) or supervisor_alive(meta):
         return meta
     nodes = [cluster.node(n) for n in meta["nodes"]]
     with closing(backend_for(cluster)) as backend:

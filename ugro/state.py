@@ -26,6 +26,7 @@ class _State(str, Enum):
 
 
 class JobStatus(_State):
+    QUEUED = "QUEUED"  # waiting in the queue for its nodes or its predecessors; holds nothing
     PENDING = "PENDING"  # recorded, nodes not started yet
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
@@ -36,8 +37,12 @@ class JobStatus(_State):
         return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
     def is_active(self) -> bool:
-        """The job holds its nodes: it may have processes on them."""
+        """The job is not over yet: queued, starting or running."""
         return not self.is_terminal()
+
+    def holds_nodes(self) -> bool:
+        """The job holds its nodes: it may have processes on them."""
+        return self.is_active() and self is not JobStatus.QUEUED
 
 
 class NodeStatus(_State):
@@ -56,6 +61,12 @@ def is_active(status) -> bool:
     """Whether a record's status (a string from disk) is an active job's."""
     state = JobStatus.parse(status)
     return state is not None and state.is_active()
+
+
+def holds_nodes(status) -> bool:
+    """Whether a record's status (a string from disk) is that of a job holding its nodes."""
+    state = JobStatus.parse(status)
+    return state is not None and state.holds_nodes()
 
 
 def is_terminal(status) -> bool:

@@ -110,11 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate_name(args.job_id)
         cluster = load_cluster(args.cluster)
-        meta = Supervisor(Jobs(args.data_dir), cluster, args.job_id, args.grace).run()
+        jobs = Jobs(args.data_dir)
+        meta = Supervisor(jobs, cluster, args.job_id, args.grace).run()
     except UgroError as exc:
         print(f"ugro.supervise: {exc}", file=sys.stderr)
         return 1
-    print(f"{args.job_id}: {meta['status']}")
+    print(f"{args.job_id}: {meta['status']}", flush=True)
+    # The job's nodes are free: the queue moves on, in this process (already detached, its
+    # record written, its imports paid for). Imported here, in the process's entry point,
+    # because the scheduler starts jobs through the launch path, which uses Supervisor.
+    from .schedule import PACKAGE_ROOT, queued, report, run_pass
+
+    if queued(jobs):
+        try:
+            for line in report(run_pass(jobs, cluster, PACKAGE_ROOT)):
+                print(f"queue: {line}", flush=True)
+        except UgroError as exc:
+            print(f"ugro.supervise: queue pass: {exc}", file=sys.stderr)
     return 0
 
 
