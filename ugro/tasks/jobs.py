@@ -11,10 +11,10 @@ from invoke.exceptions import Exit
 from .. import lifecycle
 from ..cluster import Session
 from ..errors import UgroError
-from ..jobs import Jobs
+from ..jobs import Jobs, job_name
 from ..plan import LaunchConfig
 from ..state import JobStatus, is_active
-from .common import ROOT, cli, cluster_of, project_path
+from .common import ROOT, cli, cluster_of, positive, project_path
 
 
 def jobs_of(c) -> Jobs:
@@ -59,6 +59,7 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
            script=None, nodes=None, nproc_per_node=None, detach=False, resume=False,
            script_args=None, sync=False):
     """Run a distributed torchrun training job on the cluster's nodes."""
+    positive("lr", lr)
     defaults = launch_defaults(c)
     cfg = LaunchConfig.from_options(
         defaults, name=name, epochs=epochs, lr=lr, model=model, dataset=dataset,
@@ -85,6 +86,12 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
     if detach:
         started = lifecycle.wait_for_ranks(jobs, cluster, job_id)
         print("started: " + ", ".join(f"{n} {s}" for n, s in started.items()))
+        meta = jobs.metadata(job_id)
+        if meta["status"] == JobStatus.COMPLETED:
+            print(f"job {job_id}: COMPLETED already")
+            return
+        if not is_active(meta["status"]):
+            raise Exit(f"ugro: job {job_id}: {meta['status']}: {meta.get('error')}", code=1)
         print(f"detached; follow with: inv logs {cfg.name} --follow; "
               f"stop with: inv cancel {cfg.name}")
         return
@@ -101,18 +108,20 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
 @cli
 def cancel(c, name, grace=3.0):
     """Cancel a job: stop exactly its processes on every node."""
+    grace = positive("grace", grace)
     jobs = jobs_of(c)
     job_id = jobs.find(name)
     before = jobs.metadata(job_id).get("status")
-    meta = lifecycle.cancel(jobs, cluster_of(c), job_id, float(grace))
+    meta = lifecycle.cancel(jobs, cluster_of(c), job_id, grace)
     if not is_active(before):
         print(f"job {job_id} already ended: {before}")
         return
     for node, facts in meta["nodes"].items():
         print(f"  {node}: {facts.get('stop', '-')}")
     print(f"job {job_id}: {meta['status']}")
-    if any(f.get("stop") not in ("stopped", None) for f in meta["nodes"].values()):
-        raise Exit("some nodes did not confirm the stop", code=1)
+    if meta["status"] != JobStatus.CANCELLED:
+        raise Exit(f"{meta.get('error')}; its nodes stay held: inv cancel {job_name(job_id)} "
+                   "(or inv status) tries again", code=1)
 
 
 @task(help={"grace": "seconds between SIGTERM and SIGKILL (default 3)"})
@@ -121,15 +130,21 @@ def reset(c, grace=3.0):
     """Emergency stop: end every UGRO-started job on every node, mark them CANCELLED."""
     from .. import commands
 
+    grace = positive("grace", grace)
     cluster = cluster_of(c)
     jobs = jobs_of(c)
     for job_id in jobs.active():
-        lifecycle.cancel(jobs, cluster, job_id, float(grace), reason="inv reset")
-        print(f"{job_id}: CANCELLED")
+        try:
+            meta = lifecycle.cancel(jobs, cluster, job_id, grace, reason="inv reset")
+        except UgroError as exc:  # a damaged record: the sweep below still stops its processes
+            print(f"{job_id}: {exc}")
+            continue
+        print(f"{job_id}: {meta['status']}" + (f" ({meta['error']})"
+                                               if meta["status"] != JobStatus.CANCELLED else ""))
     with Session(cluster) as session:
         answers = session.run_all(cluster.nodes,
-                                  lambda n: commands.kill_all_jobs(n, float(grace)),
-                                  timeout=float(grace) + 60)
+                                  lambda n: commands.kill_all_jobs(n, grace),
+                                  timeout=grace + 60)
     failed = False
     for name, a in answers.items():
         if a.error:

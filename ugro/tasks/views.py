@@ -11,7 +11,7 @@ from .. import logs as logs_mod
 from ..cluster import Session
 from ..errors import UgroError
 from ..jobs import Jobs, job_name
-from ..state import is_active
+from ..state import JobStatus, holds_nodes, is_active
 from .common import (
     cli,
     cluster_of,
@@ -59,8 +59,8 @@ def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
     line with its nodes); returns a note for each that could not be."""
     notes = []
     for job_id in job_ids:
-        meta, _ = views.read_object(jobs.dir(job_id) / "metadata.json")
-        if not is_active(meta.get("status")):
+        meta, damaged = views.read_object(jobs.dir(job_id) / "metadata.json")
+        if damaged or not holds_nodes(meta):
             continue
         try:
             cluster = cluster or cluster_of(c)
@@ -233,6 +233,12 @@ def status(c, refresh=False, json=False):
     if damaged:
         notes.append(damaged)
     running = [views.load(jobs, j) for j in jobs.active()]
+    for rec in running:
+        if rec.damaged:
+            notes.append(f"{rec.job_id}: holds its nodes until its record is fixed or removed "
+                         f"({'; '.join(rec.damaged)})")
+        elif rec.status == JobStatus.CANCELLING or not is_active(rec.status):
+            notes.append(f"{rec.job_id}: {lifecycle.held_as(rec.meta)}: {rec.meta.get('error')}")
     view = views.status(state, running, history, views.utcnow(), fresh, notes)
     show(view, views.status_text, json, [])  # status shows its notes itself
 
