@@ -173,7 +173,7 @@ class Supervisor:
             if code == "0":
                 facts["status"] = NodeStatus.COMPLETED
             elif code == "lost":
-                facts["status"] = NodeStatus.LOST
+                facts["status"] = NodeStatus.CANCEL_PENDING if cancelled else NodeStatus.LOST
             else:
                 facts["status"] = NodeStatus.CANCELLED if cancelled else NodeStatus.FAILED
             if node.name in self.gaps:
@@ -207,7 +207,7 @@ class Supervisor:
             except store.WriteError as exc:
                 if time.monotonic() > deadline:
                     raise
-                print(f"ugro.supervise: {exc}; retrying", file=sys.stderr, flush=True)
+                say(f"{exc}; retrying")
                 time.sleep(2)
 
     def _stop_when_back(self, lost: list[Node]) -> None:
@@ -240,8 +240,16 @@ class Supervisor:
                 try:
                     store.write_text(target, fetched.text)
                 except store.WriteError as exc:
-                    print(f"ugro.supervise: {exc}", file=sys.stderr, flush=True)
+                    say(str(exc))
                 return
+
+
+def say(text: str) -> None:
+    """A line for supervisor.log, which may sit on the very disk that is full."""
+    try:
+        print(f"ugro.supervise: {text}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def iso(epoch: float) -> str:
@@ -260,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         cluster = load_cluster(args.cluster)
         meta = Supervisor(Jobs(args.data_dir), cluster, args.job_id, args.grace).run()
     except UgroError as exc:
-        print(f"ugro.supervise: {exc}", file=sys.stderr)
+        say(str(exc))
         return 1
-    print(f"{args.job_id}: {meta['status']}")
+    say(f"{args.job_id}: {meta['status']}")
     return 0
 
 

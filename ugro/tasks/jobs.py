@@ -106,9 +106,9 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
 @task(help={"name": "job name (the latest with that name) or job id",
             "grace": "seconds between SIGTERM and SIGKILL (default 3)"})
 @cli
-def cancel(c, name, grace=3.0):
+def cancel(c, name, grace=None):
     """Cancel a job: stop exactly its processes on every node."""
-    grace = positive("grace", grace)
+    grace = positive("grace", grace, 3.0)
     jobs = jobs_of(c)
     job_id = jobs.find(name)
     before = jobs.metadata(job_id).get("status")
@@ -126,11 +126,11 @@ def cancel(c, name, grace=3.0):
 
 @task(help={"grace": "seconds between SIGTERM and SIGKILL (default 3)"})
 @cli
-def reset(c, grace=3.0):
+def reset(c, grace=None):
     """Emergency stop: end every UGRO-started job on every node, mark them CANCELLED."""
     from .. import commands
 
-    grace = positive("grace", grace)
+    grace = positive("grace", grace, 3.0)
     cluster = cluster_of(c)
     jobs = jobs_of(c)
     for job_id in jobs.active():
