@@ -12,10 +12,10 @@ from invoke.exceptions import Exit
 from .. import lifecycle, schedule, views
 from ..cluster import Session
 from ..errors import UgroError
-from ..jobs import Jobs
+from ..jobs import Jobs, job_name
 from ..plan import LaunchConfig
 from ..state import JobStatus, is_active
-from .common import ROOT, cli, cluster_of, print_json, project_path
+from .common import ROOT, cli, cluster_of, positive, print_json, project_path
 
 
 def jobs_of(c) -> Jobs:
@@ -80,6 +80,7 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
            script_args=None, sync=False, queue=False, num_nodes=None, min_gpu_mem=None,
            priority=None, after=None):
     """Run a distributed torchrun training job on the cluster's nodes (or queue it)."""
+    positive("lr", lr)
     defaults, scripts = launch_defaults(c)
     cfg = LaunchConfig.from_options(
         defaults, scripts, name=name, epochs=epochs, lr=lr, model=model, dataset=dataset,
@@ -128,6 +129,12 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
     if detach:
         started = lifecycle.wait_for_ranks(jobs, cluster, job_id)
         print("started: " + ", ".join(f"{n} {s}" for n, s in started.items()))
+        meta = jobs.metadata(job_id)
+        if meta["status"] == JobStatus.COMPLETED:
+            print(f"job {job_id}: COMPLETED already")
+            return
+        if not is_active(meta["status"]):
+            raise Exit(f"ugro: job {job_id}: {meta['status']}: {meta.get('error')}", code=1)
         print(f"detached; follow with: inv logs {cfg.name} --follow; "
               f"stop with: inv cancel {cfg.name}")
         return
@@ -142,13 +149,14 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
 @task(help={"name": "job name (the latest with that name) or job id",
             "grace": "seconds between SIGTERM and SIGKILL (default 3)"})
 @cli
-def cancel(c, name, grace=3.0):
+def cancel(c, name, grace=None):
     """Cancel a job: stop exactly its processes on every node."""
+    grace = positive("grace", grace, 3.0)
     jobs = jobs_of(c)
     job_id = jobs.find(name)
     cluster = cluster_of(c)
     before = jobs.metadata(job_id).get("status")
-    meta = schedule.cancel(jobs, cluster, job_id, float(grace))
+    meta = schedule.cancel(jobs, cluster, job_id, grace)
     if not is_active(before):
         print(f"job {job_id} already ended: {before}")
         return
@@ -156,25 +164,32 @@ def cancel(c, name, grace=3.0):
     for node, facts in meta["nodes"].items():
         print(f"  {node}: {facts.get('stop', '-')}")
     print(f"job {job_id}: {meta['status']}")
-    if any(f.get("stop") not in ("stopped", None) for f in meta["nodes"].values()):
-        raise Exit("some nodes did not confirm the stop", code=1)
+    if meta["status"] != JobStatus.CANCELLED:
+        raise Exit(f"{meta.get('error')}; its nodes stay held: inv cancel {job_name(job_id)} "
+                   "(or inv status) tries again", code=1)
 
 
 @task(help={"grace": "seconds between SIGTERM and SIGKILL (default 3)"})
 @cli
-def reset(c, grace=3.0):
+def reset(c, grace=None):
     """Emergency stop: end every UGRO-started job on every node, mark them CANCELLED."""
     from .. import commands
 
+    grace = positive("grace", grace, 3.0)
     cluster = cluster_of(c)
     jobs = jobs_of(c)
     for job_id in jobs.active():
-        schedule.cancel(jobs, cluster, job_id, float(grace), reason="inv reset")
-        print(f"{job_id}: CANCELLED")
+        try:
+            meta = schedule.cancel(jobs, cluster, job_id, grace, reason="inv reset")
+        except UgroError as exc:  # a damaged record: the sweep below still stops its processes
+            print(f"{job_id}: {exc}")
+            continue
+        print(f"{job_id}: {meta['status']}" + (f" ({meta['error']})"
+                                               if meta["status"] != JobStatus.CANCELLED else ""))
     with Session(cluster) as session:
         answers = session.run_all(cluster.nodes,
-                                  lambda n: commands.kill_all_jobs(n, float(grace)),
-                                  timeout=float(grace) + 60)
+                                  lambda n: commands.kill_all_jobs(n, grace),
+                                  timeout=grace + 60)
     failed = False
     for name, a in answers.items():
         if a.error:

@@ -11,7 +11,7 @@ from .. import logs as logs_mod
 from ..cluster import Session
 from ..errors import UgroError
 from ..jobs import Jobs, job_name
-from ..state import holds_nodes, is_active
+from ..state import JobStatus, holds_nodes, is_active
 from .common import (
     cli,
     cluster_of,
@@ -61,8 +61,8 @@ def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
     notes = []
     freed = False
     for job_id in job_ids:
-        meta, _ = views.read_object(jobs.dir(job_id) / "metadata.json")
-        if not holds_nodes(meta.get("status")):
+        meta, damaged = views.read_object(jobs.dir(job_id) / "metadata.json")
+        if damaged or not holds_nodes(meta):
             continue
         try:
             cluster = cluster or cluster_of(c)
@@ -238,8 +238,14 @@ def status(c, refresh=False, json=False):
     if damaged:
         notes.append(damaged)
     active = [views.load(jobs, j) for j in jobs.active()]
-    running = [r for r in active if holds_nodes(r.status)]
-    queued = views.queue([r.meta for r in active], views.utcnow())
+    running = [r for r in active if r.damaged or holds_nodes(r.meta)]
+    for rec in running:
+        if rec.damaged:
+            notes.append(f"{rec.job_id}: holds its nodes until its record is fixed or removed "
+                         f"({'; '.join(rec.damaged)})")
+        elif rec.status == JobStatus.CANCELLING or not is_active(rec.status):
+            notes.append(f"{rec.job_id}: {lifecycle.held_as(rec.meta)}: {rec.meta.get('error')}")
+    queued = views.queue([r.meta for r in active if not r.damaged], views.utcnow())
     view = views.status(state, running, history, views.utcnow(), fresh, notes, queued)
     show(view, views.status_text, json, [])  # status shows its notes itself
 
