@@ -26,6 +26,7 @@ class _State(str, Enum):
 
 
 class JobStatus(_State):
+    QUEUED = "QUEUED"  # waiting in the queue for its nodes or its predecessors; holds nothing
     PENDING = "PENDING"  # recorded, nodes not started yet
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
