@@ -136,6 +136,16 @@ class NodePlan:
     store: list[str] | None = None  # the rendezvous store the host node runs beside torchrun
 
 
+def rank_env(node: Node, cfg: LaunchConfig) -> dict[str, str]:
+    """What every rank's environment gets beside torchrun's own, on any backend."""
+    return {
+        **node.env,
+        "UGRO_JOB_NAME": cfg.name,
+        "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": RANK_PREFIX,
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
 def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[NodePlan]:
     """The torchrun command for each node: ranks and rendezvous worked out here."""
     nodes = cluster.select(cfg.nodes)
@@ -173,12 +183,7 @@ def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[No
             argv += ["--node-rank", str(node_rank),
                      "--master-addr", master.host, "--master-port", str(port)]
         argv += cfg.script_argv()
-        env = {
-            **node.env,
-            "UGRO_JOB_NAME": cfg.name,
-            "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": RANK_PREFIX,
-            "PYTHONUNBUFFERED": "1",
-        }
+        env = rank_env(node, cfg)
         store = None
         if cluster.rdzv_backend == "c10d" and node is master:
             store = node.python.argv() + ["-c", commands.RDZV_STORE, master.host, str(port),

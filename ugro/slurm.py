@@ -26,13 +26,11 @@ from dataclasses import dataclass, field
 
 from .commands import EXIT_MARKER, join, q, rpath
 from .config import ENV_KEY_RE
+from .config import SLURM_NAME_RE as NAME_RE
+from .config import SLURM_TIME_RE as TIME_RE
 from .errors import UgroError
 from .slurm_parse import slurm_id as _slurm_id
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-TIME_RE = re.compile(
-    r"^(?:\d+(?::\d{1,2}){0,2}|\d+-\d{1,2}(?::\d{1,2}){0,2}|UNLIMITED|INFINITE)$"
-)
 SQUEUE_FORMAT = "%i|%T|%r|%D|%N"
 SACCT_FIELDS = "JobID,State,ExitCode,NodeList"
 SINFO_FORMAT = "%N|%P|%T|%c|%m|%G|%E"
@@ -113,6 +111,8 @@ def torchrun(job: BatchJob) -> str:
         ' --nnodes "$SLURM_NNODES"'
         f" --nproc-per-node {q(job.nproc_per_node)}"
         " --max-restarts 0"
+        # Each rank's lines reach output.log prefixed `[rankN]:`, as on SSH nodes.
+        ' --tee 3 --log-dir "$d/torchrun"'
         " --rdzv-backend c10d"
         ' --rdzv-endpoint "$UGRO_RDZV_HOST:$UGRO_RDZV_PORT"'
         f" --rdzv-id {q(job.job_id)}"
@@ -185,11 +185,96 @@ def batch_script(job: BatchJob) -> str:
 
 
 BATCH_FILE = "batch.sh"
+SLURM_ID_FILE = "slurm_id"
 
 
 def submit(job_dir: str) -> str:
     """Submit the job directory's batch script; Slurm's own output lands there as slurm-<id>.out."""
     return f"cd {rpath(job_dir)} && sbatch --parsable {BATCH_FILE}"
+
+
+def write_and_submit(job_dir: str, script: str) -> str:
+    """Write the batch script into the job directory and submit it; print Slurm's job id.
+
+    The id is also kept in the job directory (`slurm_id`), where a later
+    `inv cancel` or supervisor finds it from the job directory alone.
+    """
+    return (f"mkdir -p {rpath(job_dir)} && cd {rpath(job_dir)} && "
+            f"printf %s {q(script)} >{BATCH_FILE} && "
+            f"id=$(sbatch --parsable {BATCH_FILE}) && "
+            f"echo \"$id\" >{SLURM_ID_FILE} && echo \"$id\"")
+
+
+def hostnames(nodelist: str) -> str:
+    """The node names in a compressed list (`n[1-2]`), one a line, in allocation order."""
+    if not re.fullmatch(r"[A-Za-z0-9_.,\[\]-]+", nodelist):
+        raise UgroError(f"not a Slurm node list: {nodelist!r}")
+    return f"scontrol show hostnames {q(nodelist)}"
+
+
+# Slurm states in which a job may still write to its files.
+ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "STOPPED",
+                 "SIGNALING", "STAGE_OUT", "RESIZING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESV_DEL_HOLD")
+
+
+def watch_output(job_dir: str, node: str, slurm_id: str, poll: float = 0.2,
+                 ask_every: int = 25) -> str:
+    """Stream a node's output.log from the start through its exit marker.
+
+    As `commands.watch_job` does on SSH nodes: new bytes go out in one piece
+    per round, and the loop ends only once it has sent the marker. Whether the
+    job still runs is Slurm's to say (asked every `ask_every` rounds, not every
+    round: slurmctld serves the whole cluster); once it has ended without a
+    marker, one last round sends what is there and a `lost` marker (or
+    `missing` when the node never wrote a line).
+    """
+    f = f'{rpath(job_dir)}/nodes/{q(node)}/output.log'
+    active = "|".join(f"{s}*" for s in ACTIVE_STATES)
+    return (
+        f'F={f}; M=$(printf "{_MARKER}"); off=0; n=0; end=0; '
+        "while :; do "
+        '  size=$(wc -c <"$F" 2>/dev/null || echo 0); '
+        '  if [ "$size" -gt "$off" ]; then tail -c +$((off+1)) "$F" | head -c $((size-off)); '
+        "    off=$size; fi; "
+        # The marker must be among the bytes already sent, not just in the file.
+        f"  s0=$((off-{len(EXIT_MARKER) + 30})); [ $s0 -lt 1 ] && s0=1; "
+        '  [ "$off" -gt 0 ] && tail -c +$s0 "$F" 2>/dev/null | head -c $((off-s0+1)) '
+        '| grep -q "$M" && break; '
+        '  if [ $end -gt 0 ]; then [ "$off" -gt 0 ] && w=lost || w=missing; '
+        f'    printf "\\n{_MARKER} %s\\n" $w; break; fi; '
+        f"  n=$((n+1)); if [ $((n % {ask_every})) -eq 1 ]; then "
+        f"    st=$(squeue -h -t all -j {q(_slurm_id(slurm_id))} -o %T 2>&1); "
+        f'    case "$st" in {active}) ;; '
+        '      *"Invalid job id"*|"") end=1; continue ;; '
+        "      [A-Z]*[A-Z]) end=1; continue ;; "
+        "    esac; fi; "
+        f"  sleep {poll}; "
+        "done"
+    )
+
+
+def node_exit_codes(job_dir: str) -> str:
+    """`<node> <code>` for each node that has written its exit code."""
+    return (f"cd {rpath(job_dir)}/nodes 2>/dev/null || exit 0; "
+            'for n in *; do [ -f "$n/exit_code" ] && echo "$n $(cat "$n/exit_code")"; done; '
+            "exit 0")
+
+
+def probe(python: list[str], nodes: list[str], partition: str | None, source: str,
+          deep: bool, time_limit: int = 2) -> str:
+    """The health probe on each of these nodes through one short `srun`, one task a node.
+
+    Every line comes back labelled with its task (`srun -l`); each task says
+    which node it is first (`UGRO_NODE n1`).
+    """
+    part = f" -p {q(partition)}" if partition else ""
+    node_list = ",".join(nodes)
+    if not re.fullmatch(r"[A-Za-z0-9_.,-]+", node_list):
+        raise UgroError(f"not Slurm node names: {nodes!r}")
+    body = f'echo "UGRO_NODE $SLURMD_NODENAME"; exec {join(python)} -c {q(source)} .'
+    return (f"srun -l -N {len(nodes)} --ntasks-per-node=1 -w {q(node_list)}{part} "
+            f"-t {time_limit} -J ugro-health bash -c {q(body + (' --deep' if deep else ''))}")
 
 
 def cancel(slurm_id: str) -> str:
