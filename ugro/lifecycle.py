@@ -50,8 +50,13 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
     """Preflight, record, start every node, hand over to a supervisor; returns the job id.
 
     `warn` hears what preflight found harmless but worth saying (a Python patch release
-    that differs). Nothing is recorded until the plan is valid.
+    that differs). Nothing is recorded until the plan is valid. A cluster whose own
+    scheduler runs jobs (Slurm) gets the job submitted instead (`submit`).
     """
+    backend = backend_for(cluster)
+    if backend.schedules:
+        return submit(jobs, cluster, cfg, root, backend)
+    backend.close()
     plan(cluster, cfg, "check", cluster.master_port)  # refuse a bad plan before anything runs
     with store.locked(jobs.data_dir / ".launch.lock"), Session(cluster) as session:
         holding = busy_nodes(jobs, cluster, cluster.select(cfg.nodes))
@@ -95,6 +100,41 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
                 jobs.finish(job_id, JobStatus.FAILED, error=f"start failed: {why}",
                             nodes={name: {"status": NodeStatus.START_FAILED} for name in failed})
                 raise UgroError(f"job {job_id}: start failed: {why}")
+    spawn_supervisor(jobs, cluster, job_id)
+    return job_id
+
+
+def submit(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path, backend) -> str:
+    """Hand the job to the cluster's scheduler: it waits QUEUED until the scheduler starts it.
+
+    No health probe, port check or busy-node check: the scheduler chooses the nodes, and
+    the batch script the rendezvous port on the first of them.
+    """
+    with closing(backend):
+        backend.preflight(cfg)
+        job_id = jobs.create(cfg.name)
+        job = backend.batch_job(job_id, cfg)
+        world = job.nodes * job.nproc_per_node
+        store.write_json(jobs.dir(job_id) / "config.json", {
+            "job_id": job_id,
+            "launch": asdict(cfg),
+            "cluster": {"name": cluster.name, "file": str(cluster.source), "backend": "slurm"},
+            "world_size": world,
+            "slurm": {"job_dir": job.job_dir, "nodes": job.nodes, "nproc": job.nproc_per_node},
+            "git": git_state(root),
+        })
+        jobs.submitted(job_id, cfg.name, cluster_file=str(cluster.source), world_size=world,
+                       slurm={"job_id": None, "job_dir": job.job_dir, "nodes": job.nodes,
+                              "nproc": job.nproc_per_node})
+        try:
+            slurm_id, script = backend.submit(job_id, cfg)
+        except UgroError as exc:
+            jobs.finish(job_id, JobStatus.FAILED, error=f"submit failed: {exc}")
+            raise UgroError(f"job {job_id}: submit failed: {exc}") from None
+        config = jobs.config(job_id)
+        config["slurm"].update(job_id=slurm_id, script=script)
+        store.write_json(jobs.dir(job_id) / "config.json", config)
+        jobs.note_slurm(job_id, {"job_id": slurm_id, "state": "PENDING", "reason": None})
     spawn_supervisor(jobs, cluster, job_id)
     return job_id
 
@@ -169,6 +209,10 @@ def reconcile(jobs: Jobs, cluster: Cluster, job_id: str) -> dict:
         return meta
     nodes = [cluster.node(n) for n in meta["nodes"]]
     with closing(backend_for(cluster)) as backend:
+        if backend.schedules and not nodes:
+            # Still queued, or started since: the new supervisor finds out which.
+            spawn_supervisor(jobs, cluster, job_id)
+            return jobs.metadata(job_id)
         states = backend.states(nodes, job_id)
     if any(s.alive for s in states.values()):
         spawn_supervisor(jobs, cluster, job_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from .config import Cluster, Node, load_cluster
 from .errors import UgroError
 from .jobs import Jobs, now, validate_name
 from .logs import NodeLog, first_error
-from .state import Failure, JobStatus, NodeStatus, exit_code_int
+from .state import Failure, JobStatus, NodeStatus, exit_code_int, is_active
+
+KILLED = (143, 137)  # SIGTERM, SIGKILL as exit codes
 
 
 class Supervisor:
@@ -40,9 +43,15 @@ class Supervisor:
         # A second backend for stops: the first one's connections are busy streaming.
         with closing(backend_for(self.cluster)) as streams, \
                 closing(backend_for(self.cluster)) as killer:
+            if streams.schedules and not self.nodes:
+                meta = self._wait_allocated(streams)
+                if not is_active(meta["status"]):
+                    return meta
+                self.nodes = [self.cluster.node(n) for n in meta["nodes"]]
             codes = fan_out(self.nodes, lambda n: self._watch(streams, killer, n, logs_dir))
-            # Every node has ended: the rendezvous store beside the host's torchrun can go.
-            killer.stop(self.nodes[:1], self.job_id, self.grace)
+            if not streams.schedules:
+                # Every node has ended: the rendezvous store beside the host's torchrun can go.
+                killer.stop(self.nodes[:1], self.job_id, self.grace)
             self._fetch_outputs(streams)
         nodes = {name: {"exit_code": exit_code_int(code),
                         "status": NodeStatus.COMPLETED if code == "0" else NodeStatus.FAILED}
@@ -54,6 +63,39 @@ class Supervisor:
             return self.jobs.finish(self.job_id, JobStatus.COMPLETED, nodes=nodes)
         # Only a cancel ends nodes non-zero without a recorded failure.
         return self.jobs.finish(self.job_id, JobStatus.CANCELLED, nodes=nodes)
+
+    def _wait_allocated(self, backend: Backend, poll: float = 1.0) -> dict:
+        """While the scheduler holds the job QUEUED, keep its state and reason in the record;
+        once it starts, record the nodes it chose (in rank order)."""
+        meta = self.jobs.metadata(self.job_id)
+        slurm_id = meta["slurm"]["job_id"]
+        said = (None, None)
+        while is_active(meta["status"]):
+            try:
+                job = backend.allocation(slurm_id)
+            except UgroError:
+                time.sleep(poll)  # the controller did not answer this time
+                continue
+            if job is None:
+                return self.jobs.finish(self.job_id, JobStatus.FAILED,
+                                        error=f"Slurm has no record of job {slurm_id}")
+            if job.nodelist and job.state.split()[0] != "PENDING":
+                names = backend.hostnames(job.nodelist)
+                nproc = meta["slurm"]["nproc"]
+                self.jobs.note_slurm(self.job_id, {"state": job.state, "reason": None})
+                return self.jobs.mark_allocated(self.job_id, {
+                    name: {"node_rank": i, "nproc": nproc} for i, name in enumerate(names)})
+            if job.status.is_terminal():
+                return self.jobs.finish(self.job_id, job.status,
+                                        error=f"Slurm: {job.state} before it started"
+                                        + (f" ({job.reason})" if job.reason else ""))
+            if (job.state, job.reason) != said:
+                said = (job.state, job.reason)
+                meta = self.jobs.note_slurm(self.job_id, {"state": job.state,
+                                                          "reason": job.reason})
+            time.sleep(poll)
+            meta = self.jobs.metadata(self.job_id)
+        return meta
 
     def _watch(self, streams: Backend, killer: Backend, node: Node, logs_dir: Path) -> str:
         """Stream one node's output home until it ends; its exit code (or why none)."""
@@ -67,8 +109,13 @@ class Supervisor:
 
     def _failed(self, killer: Backend, node: Node, code: str, sink: NodeLog, error: str | None):
         with self.lock:
-            if self.failure is not None:
+            # A node killed by a signal (143, 137) was most likely stopped because another
+            # failed (Slurm's --kill-on-bad-exit, or our own stop): a node that failed by
+            # itself takes the blame from it, whichever of the two was read first.
+            if self.failure is not None and (self.failure.exit_code not in KILLED
+                                             or exit_code_int(code) in KILLED):
                 return
+            replacing = self.failure is not None
             meta = self.jobs.metadata(self.job_id)
             if meta.get("cancel_requested_at") or meta["status"] == JobStatus.CANCELLED:
                 return
@@ -82,7 +129,7 @@ class Supervisor:
                 log_tail=tail,
             )
         others = [n for n in self.nodes if n is not node]
-        if others:
+        if others and not replacing and not killer.schedules:  # Slurm stops the others itself
             killer.stop(others, self.job_id, self.grace)
 
     def _fetch_outputs(self, backend: Backend):

@@ -88,6 +88,15 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
     job_id = lifecycle.launch(jobs, cluster, cfg, ROOT,
                               warn=lambda line: print(f"ugro: note: {line}", file=sys.stderr))
     meta = jobs.metadata(job_id)
+    if meta.get("slurm"):
+        s = meta["slurm"]
+        print(f"job {job_id}: Slurm job {s['job_id']}, world size {meta['world_size']} "
+              f"({s['nodes']} nodes x {s['nproc']}); QUEUED until Slurm starts it", flush=True)
+        if detach:
+            print(f"detached; follow with: inv logs {cfg.name} --follow; "
+                  f"stop with: inv cancel {cfg.name}")
+            return
+        return attached(jobs, cluster, job_id)
     where = ", ".join(f"{n} ({v['nproc']} rank{'s' if v['nproc'] > 1 else ''})"
                       for n, v in meta["nodes"].items())
     print(f"job {job_id}: world size {meta['world_size']} on {where}; "
@@ -98,6 +107,11 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
         print(f"detached; follow with: inv logs {cfg.name} --follow; "
               f"stop with: inv cancel {cfg.name}")
         return
+    attached(jobs, cluster, job_id)
+
+
+def attached(jobs: Jobs, cluster, job_id: str) -> None:
+    """Follow the job's logs until it ends; exit 1 unless it COMPLETED."""
     meta = lifecycle.wait_attached(jobs, cluster, job_id)
     print(f"job {job_id}: {meta['status']}", flush=True)
     if meta.get("error"):
@@ -136,6 +150,9 @@ def reset(c, grace=3.0):
     for job_id in jobs.active():
         lifecycle.cancel(jobs, cluster, job_id, float(grace), reason="inv reset")
         print(f"{job_id}: CANCELLED")
+    if cluster.slurm is not None:
+        print("reset: every UGRO job on this Slurm cluster is cancelled (scancel)")
+        return
     with Session(cluster) as session:
         answers = session.run_all(cluster.nodes,
                                   lambda n: commands.kill_all_jobs(n, float(grace)),
