@@ -1,7 +1,9 @@
-"""benchmarks/run.py, smallest run: one lab node, health and CLI only. Shape, never speed."""
+"""benchmarks/run.py at its smallest: every section, one lab node for health, tiny sizes, one
+run per method. Shape and numbers, never speed."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -9,6 +11,10 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+
+SECS = re.compile(r"\d+\.\d\d s(?: \(.+\))?")  # a figure: median seconds, maybe with notes
+COUNT = re.compile(r"\d[\d,]*")
+RATE = re.compile(r"\d[\d,]* lines/s")
 
 
 def tables(markdown: str) -> dict[str, list[list[str]]]:
@@ -25,35 +31,79 @@ def tables(markdown: str) -> dict[str, list[list[str]]]:
     return found
 
 
+def figures(rows: list[list[str]], column: str, pattern: re.Pattern) -> dict[str, str]:
+    """Each body row's cell in `column` (by header), keyed by the row's first cell; every one
+    must match `pattern`."""
+    header, body = rows[0], rows[1:]
+    i = header.index(column)
+    bad = [row for row in body if not pattern.fullmatch(row[i])]
+    assert not bad, (column, bad)
+    return {row[0]: row[i] for row in body}
+
+
 @pytest.mark.lab
 @pytest.mark.slow
-def test_one_node_smoke_produces_well_formed_tables(tmp_path):
+def test_every_section_at_tiny_size_produces_its_rows(tmp_path):
     out = tmp_path / "result.md"
+    results = sorted((ROOT / "benchmarks" / "results").iterdir())
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path / "pycache")}
     p = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--nodes", "1", "--only", "health,cli",
-         "--repeat", "1", "--output", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [sys.executable, "benchmarks/run.py", "--nodes", "1", "--size", "tiny", "--repeat", "1",
+         "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert out.read_text().strip() == p.stdout.strip()
+    assert sorted((ROOT / "benchmarks" / "results").iterdir()) == results
     assert p.stdout.startswith("# UGRO control-plane benchmarks")
+    assert "--size tiny" in p.stdout
     found = tables(p.stdout)
-    assert set(found) == {"Targets", "Health fan-out", "Health: control-node CPU per check",
-                          "Health: where the time goes (lab0 unless N is given)",
-                          "CLI start-up"}
+    assert set(found) == {
+        "Targets", "Health fan-out", "Health: control-node CPU per check",
+        "Health: where the time goes (lab0 unless N is given)", "CLI start-up",
+        "Launch (2 nodes, 1 rank each)", "Cancel (2 nodes)", "Sync",
+        "Log streaming (2 nodes × 1,000 lines)",
+    }, p.stderr
     for name, rows in found.items():
         header, body = rows[0], rows[1:]
         assert body, name
         assert all(len(row) == len(header) for row in body), name
-        assert all(cell for row in body for cell in row), name  # "–" where nothing applies
         assert not any(cell.startswith("error") for row in body for cell in row), (name, body)
-    # The separator row follows every header.
-    assert len(re.findall(r"^\|(?:---\|)+$", p.stdout, re.M)) == len(found)
+    # A separator row follows every header.
+    assert len(re.findall(r"^\|(?:-{3,}\|)+$", p.stdout, re.M)) == len(found)
+    assert "## Failed runs" not in p.stdout
+
+    # Each section's rows, with numbers where they hold figures.
+    targets = found["Targets"]
+    assert {row[-1] for row in targets[1:]} <= {"✓", "✗", "–"}
+    assert len(targets) - 1 == 6  # no health fan-out target at N=1; one for each other section
     (n1,) = found["Health fan-out"][1:]
-    assert n1[0] == "1" and all(c.endswith(" s") for c in n1[1:5])
-    commands = [row[0] for row in found["CLI start-up"][1:]]
-    assert "`inv --list`" in commands and "`python -c pass`" in commands
-    assert {row[-1] for row in found["Targets"][1:]} <= {"✓", "✗", "–"}
+    assert n1[0] == "1" and all(SECS.fullmatch(c) for c in n1[1:5]), n1
+    assert re.fullmatch(r"\d+\.\d\d× pdsh", n1[5]), n1
+    (cpu,) = found["Health: control-node CPU per check"][1:]
+    assert all(SECS.fullmatch(c) for c in cpu[1:]), cpu
+    steps = found["Health: where the time goes (lab0 unless N is given)"]
+    assert steps[-1][:2] == ["probe without --deep imports torch?", "no"]
+    figures(steps[:-1], "wall", SECS)
+    cli = figures(found["CLI start-up"], "wall", SECS)
+    assert "`inv --list`" in cli and "`python -c pass`" in cli
+    launch = found["Launch (2 nodes, 1 rank each)"]
+    figures(launch[:-1], "inv launch", SECS)
+    by_hand = figures([launch[0], *launch[2:4], *launch[5:]], "pdsh + torchrun", SECS)
+    assert "every rank running" in by_hand
+    cancel = found["Cancel (2 nodes)"]
+    figures(cancel, "inv cancel", SECS)
+    figures(cancel[:2], "SIGTERM to each torchrun agent, no SSH", SECS)
+    sync = found["Sync"]
+    figures(sync, "baseline time", SECS)
+    figures([sync[0], sync[1], sync[3]], "UGRO", SECS)
+    logs = found["Log streaming (2 nodes × 1,000 lines)"]
+    figures(logs[:3], "inv launch", COUNT)
+    figures([logs[0], logs[3], logs[6]], "inv launch", RATE)
+    figures([logs[0], logs[2]], "pdsh -R ssh", COUNT)
+    figures([logs[0], logs[3], logs[6]], "pdsh -R ssh", RATE)
+    assert SECS.fullmatch(logs[-1][1]) and SECS.fullmatch(logs[-1][2]), logs[-1]
+
     # Everything it started, it stopped: its lab's daemons, and its temporary directory.
     (work,) = re.findall(r"sshd lab nodes in (\S+)", p.stderr)
     assert not Path(work).exists()

@@ -151,6 +151,8 @@ def test_a_script_that_cannot_start_fails_with_its_first_error_and_leaves_nothin
     assert meta["status"] == "FAILED"
     assert "No module named 'a_module_that_is_not_installed'" in meta["error"]
     assert "ModuleNotFoundError" in r.stderr
+    # The rendezvous store outlived every agent: no node failed to shut the rendezvous down.
+    assert "recvVector" not in node_logs(job) and "failed to shutdown" not in node_logs(job)
     assert procs.tagged(b"UGRO_JOB_ID", job.name.encode()) == []
 
 

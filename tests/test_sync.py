@@ -19,25 +19,27 @@ import pytest
 
 from ugro import commands
 from ugro.config import Cluster, Node, PythonEnv, parse_cluster
-from ugro.errors import UgroError
-from ugro.sync import (
+from ugro.envs import (
     EnvReport,
     Fingerprint,
     NodeEnv,
-    NodeSync,
-    Progress,
     Step,
-    describe_rsync_failure,
     env_drift,
     env_steps,
     env_table,
+    parse_fingerprint,
+    sync_envs,
+)
+from ugro.errors import UgroError
+from ugro.sync import (
+    NodeSync,
+    Progress,
+    describe_rsync_failure,
     filters,
     parse_df,
-    parse_fingerprint,
     parse_itemized,
     parse_stats,
     sync_code,
-    sync_envs,
     sync_set,
     sync_table,
 )

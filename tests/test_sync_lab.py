@@ -18,7 +18,8 @@ import yaml
 from conftest import ROOT
 
 from ugro.config import load_cluster
-from ugro.sync import Progress, sync_code, sync_envs
+from ugro.envs import sync_envs
+from ugro.sync import Progress, sync_code
 
 pytestmark = pytest.mark.lab
 

@@ -26,7 +26,7 @@ from .cluster import Session
 from .config import Cluster, Node
 from .errors import UgroError
 from .jobs import Jobs, git_state
-from .plan import LaunchConfig, plan, preflight
+from .plan import LaunchConfig, plan, preflight, ranks_per_node
 from .state import JobStatus, NodeStatus, is_active
 from .supervise import Supervisor
 
@@ -57,7 +57,7 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
     if backend.schedules:
         return submit(jobs, cluster, cfg, root, backend)
     backend.close()
-    plan(cluster, cfg, "check", cluster.master_port)  # refuse a bad plan before anything runs
+    ranks_per_node(cluster, cfg)  # a plan that cannot work is refused before anything runs
     with store.locked(jobs.data_dir / ".launch.lock"), Session(cluster) as session:
         holding = busy_nodes(jobs, cluster, cluster.select(cfg.nodes))
         if holding:

@@ -146,16 +146,22 @@ def rank_env(node: Node, cfg: LaunchConfig) -> dict[str, str]:
     }
 
 
-def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[NodePlan]:
-    """The torchrun command for each node: ranks and rendezvous worked out here."""
-    nodes = cluster.select(cfg.nodes)
-    procs = {n.name: cfg.nproc_per_node or n.procs for n in nodes}
+def ranks_per_node(cluster: Cluster, cfg: LaunchConfig) -> dict[str, int]:
+    """How many ranks each chosen node starts; refused unless every node starts as many."""
+    procs = {n.name: cfg.nproc_per_node or n.procs for n in cluster.select(cfg.nodes)}
     if len(set(procs.values())) > 1:
         counts = ", ".join(f"{k}: {v}" for k, v in procs.items())
         raise UgroError(
             f"nodes would start different numbers of ranks ({counts}); "
             "pass --nproc-per-node N to start N on each"
         )
+    return procs
+
+
+def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[NodePlan]:
+    """The torchrun command for each node: ranks and rendezvous worked out here."""
+    nodes = cluster.select(cfg.nodes)
+    procs = ranks_per_node(cluster, cfg)
     master = nodes[0]  # the lowest-ranked chosen node hosts the rendezvous
     plans = []
     for node_rank, node in enumerate(nodes):

@@ -7,6 +7,7 @@ import sys
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
+from .. import envs
 from .. import sync as sync_mod
 from .common import ROOT, cli, cluster_of, target_nodes
 
@@ -56,9 +57,9 @@ def sync_envs(c, nodes=None, find_links=None, no_index=False, check=False):
     cluster = cluster_of(c)
     targets = target_nodes(c, cluster, nodes)
     with sync_mod.Progress(sys.stderr) as progress:
-        report = sync_mod.sync_envs(cluster, targets, ROOT, find_links=find_links,
+        report = envs.sync_envs(cluster, targets, ROOT, find_links=find_links,
                                     no_index=no_index, check=check, progress=progress)
-    print(sync_mod.env_table(report))
+    print(envs.env_table(report))
     for e in report.nodes:
         if e.error:
             print(f"FAILED: {e.error}")
