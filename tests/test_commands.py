@@ -235,7 +235,7 @@ def start(node: Node, job_id: str, argv: list[str], reap: list[int], env=None) -
 def test_start_state_kill(local, job_id, reap):
     pgid = start(local, job_id, ["sh", "-c", "echo hi; sleep 30"], reap)
     assert procs.group(pgid)
-    assert sh(job_state(local, job_id)).stdout == f"pgid={pgid} exit= alive=1\n"
+    assert sh(job_state(local, job_id)).stdout == f"pgid={pgid} exit= alive=1 ended= stopped=0\n"
 
     again = sh(start_job(local, job_id, ["sh", "-c", "echo hi; sleep 30"], {}))
     assert again.returncode == 17
@@ -243,7 +243,7 @@ def test_start_state_kill(local, job_id, reap):
 
     stopped = sh(kill_job(local, job_id, grace=2))
     assert stopped.stdout == "stopped\n"
-    assert sh(job_state(local, job_id)).stdout == f"pgid={pgid} exit= alive=0\n"
+    assert sh(job_state(local, job_id)).stdout == f"pgid={pgid} exit= alive=0 ended= stopped=0\n"
     assert procs.group(pgid) == []
 
     d = Path(local.project_path) / node_job_dir(local, job_id)
@@ -260,7 +260,10 @@ def test_watch_streams_output_and_exit_code(local, job_id, reap):
     assert out.stdout.endswith(f"\n{EXIT_MARKER} 3\n")
     # Not splitlines(): Python counts \x1e itself as a line boundary.
     assert out.stdout.split("\n")[-2] == "\x1eUGRO_EXIT 3"
-    assert sh(job_state(local, job_id)).stdout == f"pgid={pgid} exit=3 alive=0\n"
+    exit_file = Path(local.project_path) / node_job_dir(local, job_id) / "exit_code"
+    ended = int(exit_file.stat().st_mtime)
+    assert sh(job_state(local, job_id)).stdout == (
+        f"pgid={pgid} exit=3 alive=0 ended={ended} stopped=0\n")
 
 
 def test_watch_never_started(local, job_id):

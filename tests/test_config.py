@@ -203,8 +203,8 @@ ERRORS = [
     (MINIMAL + "bogus: 1\n",
      "c.yaml: bogus: unknown field (allowed: backend, cluster, master, sync, training, workers)"),
     (MINIMAL + "cluster: {name: x, colour: red}\n",
-     "c.yaml: cluster.colour: unknown field (allowed: health_timeout, known_hosts, master_port,"
-     " name, port_policy, rdzv_backend)"),
+     "c.yaml: cluster.colour: unknown field (allowed: health_timeout, known_hosts, lost_after,"
+     " master_port, name, port_policy, rdzv_backend)"),
     (MINIMAL.replace("name: a,", "name: a, colour: red,"),
      "c.yaml: workers[0].colour: unknown field (allowed: cpu_procs, env, gpu_model, gpus, host,"
      " identity_file, ip, local, name, port, project_path, python, rank, ssh_port, user)"),

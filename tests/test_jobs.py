@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 
@@ -117,3 +118,99 @@ def test_busy_nodes_names_the_job_holding_them(tmp_path):
     finally:
         sup.kill()
         sup.wait()
+
+
+DAMAGED = {"list": "[]", "null": "null", "no nodes": '{"job_id": "x", "name": "x", "status": '
+           '"RUNNING"}', "torn": '{"job_id": "x", "na', "bad status": '{"job_id": "x", "name": '
+           '"x", "status": 7, "nodes": {}}'}
+
+
+@pytest.mark.parametrize("text", DAMAGED.values(), ids=DAMAGED.keys())
+def test_a_damaged_record_holds_its_nodes_with_a_note_naming_the_file(tmp_path, text):
+    cluster = parse_cluster(CLUSTER, tmp_path / "c.yaml")
+    jobs = Jobs(tmp_path)
+    broken = begun(jobs, "broken", ("a", "b"))
+    (jobs.dir(broken) / "config.json").write_text(json.dumps({"nodes": {"b": {}}}))
+    (jobs.dir(broken) / "metadata.json").write_text(text)
+    (jobs.history).write_text('{"job_id": "old", "status": "COMPL\n')  # a torn history line
+    assert jobs.active() == [broken]
+    (held,) = busy_nodes(jobs, cluster, cluster.select("b,c"))
+    assert held.startswith(f"{broken} (on b; its record is damaged: ") and "metadata.json" in held
+    assert busy_nodes(jobs, cluster, cluster.select("c")) == []
+    # Once its history line says it ended, the damage frees nothing it held and blocks nothing.
+    jobs.history.write_text(json.dumps({"job_id": broken}) + "\n")
+    assert jobs.active() == [] and busy_nodes(jobs, cluster, cluster.select("b")) == []
+
+
+def test_cancel_is_cancelled_only_when_every_node_confirmed(tmp_path):
+    jobs = Jobs(tmp_path)
+    job_id = begun(jobs, "c", ("a", "b"))
+    jobs.mark_running(job_id, {"a": 1, "b": 2})
+    jobs.request_cancel(job_id, "cancelled by user")
+    meta = jobs.cancel_outcome(job_id, {"a": "stopped", "b": "b: no answer within 5s"},
+                               "cancelled by user")
+    assert meta["status"] == JobStatus.CANCELLING and meta["status"].is_active()
+    assert meta["error"] == "cancel pending on b (b: no answer within 5s)"
+    assert meta["nodes"]["b"]["status"] == NodeStatus.CANCEL_PENDING
+    assert job_id in jobs.active() and not jobs.history.exists()
+    meta = jobs.cancel_outcome(job_id, {"b": "stopped"}, "cancelled by user")
+    assert meta["status"] == "CANCELLED" and meta["error"] == "cancelled by user"
+    assert {f["status"] for f in meta["nodes"].values()} == {"cancelled"}
+    assert jobs.active() == [] and len(jobs.history.read_text().splitlines()) == 1
+
+
+def test_a_lost_node_holds_its_node_after_the_job_failed(tmp_path):
+    from ugro.state import holds_nodes
+
+    jobs = Jobs(tmp_path)
+    job_id = begun(jobs, "l", ("a", "b"))
+    meta = jobs.finish(job_id, JobStatus.FAILED, error="lost contact with b",
+                       nodes={"b": {"status": NodeStatus.LOST}})
+    assert holds_nodes(meta) and jobs.active() == [job_id]
+    meta = jobs.note_nodes(job_id, {"b": {"status": NodeStatus.FAILED, "stop": "stopped"}})
+    assert not holds_nodes(meta) and jobs.active() == []
+
+
+def test_detached_wait_reports_nodes_that_never_ran_when_the_job_fails(tmp_path, monkeypatch):
+    from ugro import lifecycle
+
+    class NoRanks:
+        def ranks_running(self, nodes, job_id):
+            return {n.name: None for n in nodes}
+
+        def close(self):
+            pass
+
+    cluster = parse_cluster(CLUSTER, tmp_path / "c.yaml")
+    jobs = Jobs(tmp_path)
+    job_id = begun(jobs, "d", ("a", "b"))
+    jobs.finish(job_id, JobStatus.FAILED, error="two control nodes launched at once")
+    monkeypatch.setattr(lifecycle, "backend_for", lambda cluster: NoRanks())
+    assert lifecycle.wait_for_ranks(jobs, cluster, job_id, poll=0.01) == {
+        "a": "never ran all its ranks (job FAILED)", "b": "never ran all its ranks (job FAILED)"}
+
+
+def test_bad_names_and_node_lists_are_one_clear_line(tmp_path):
+    from ugro.jobs import validate_name
+
+    with pytest.raises(UgroError, match="invalid job name '-rf'"):
+        validate_name("-rf")
+    cluster = parse_cluster(CLUSTER, tmp_path / "c.yaml")
+    with pytest.raises(UgroError, match="--nodes ',': no node names"):
+        cluster.select(",")
+
+
+def test_a_failed_write_names_the_path(tmp_path):
+    from ugro import store
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        target = ro / "sub" / "x.json"
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: a read-only directory is writable")
+        with pytest.raises(store.WriteError, match=f"cannot write {target}: Permission denied"):
+            store.write_json(target, {})
+    finally:
+        ro.chmod(0o700)

@@ -81,7 +81,7 @@ def test_watch_output_stops_at_the_marker(tmp_path):
     assert out == f"[rank0]:hello\n\n{EXIT_MARKER} 0\n"
 
 
-@pytest.mark.parametrize("written, marker", [("half a line", "lost"), (None, "missing")])
+@pytest.mark.parametrize("written, marker", [("half a line", "killed"), (None, "missing")])
 def test_watch_output_ends_when_slurm_says_the_job_ended(tmp_path, written, marker):
     d = tmp_path / "job" / "nodes" / "n1"
     d.mkdir(parents=True)

@@ -7,13 +7,15 @@ the same default training script (real torch DDP over gloo on the CPU).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from ugro import slurm_parse
+from ugro import procs, slurm_parse
 
 pytest_plugins = ["slurm_fixtures"]
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -159,6 +161,16 @@ def test_waiting_job_is_queued_with_slurms_reason(run, slurm_lab, tmp_path):
         rows = json.loads(run("jobs", "--json", check=0).stdout)
         assert rows[0]["waiting"] == f"Slurm job {meta['slurm']['job_id']} PENDING (Resources)"
         assert "PENDING (Resources)" in run("status", check=0).stdout
+        # Queued by Slurm, not by UGRO's queue: a dead supervisor is started again by status.
+        dead = meta["supervisor_pid"]
+        os.kill(dead, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while procs.running(dead, b"ugro.supervise"):
+            assert time.monotonic() < deadline, "the supervisor outlived SIGKILL"
+            time.sleep(0.1)
+        assert "PENDING (Resources)" in run("status", check=0).stdout
+        again = meta_of(run, "waiter")["supervisor_pid"]
+        assert again != dead and procs.running(again, b"ugro.supervise")
         assert "CANCELLED" in run("cancel", "waiter", check=0).stdout
         assert meta_of(run, "waiter")["status"] == "CANCELLED"
         assert slurm_lab.state(meta["slurm"]["job_id"]) == "CANCELLED"

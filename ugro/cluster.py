@@ -32,6 +32,19 @@ from .config import Cluster, Node
 from .errors import UgroError
 
 T = TypeVar("T")
+KEEPALIVE = 5  # seconds between SSH keepalives on every connection
+
+
+def quiet_paramiko() -> None:
+    """Paramiko logs its transport thread's tracebacks ("No existing session" and the like)
+    through `logging`, which with no handler prints them on the user's terminal; UGRO reports
+    each failure itself, as one line."""
+    import logging
+
+    log = logging.getLogger("paramiko")
+    if not log.handlers:
+        log.addHandler(logging.NullHandler())
+        log.propagate = False
 
 
 class HostKeyError(UgroError):
@@ -82,6 +95,7 @@ def connect(node: Node, cluster: Cluster, timeout: float | None = None) -> Conte
         return Context()
     from fabric import Config, Connection
 
+    quiet_paramiko()
     timeout = timeout or cluster.health_timeout
     config = Config(ssh_config=_user_ssh_config(), overrides={"timeouts": {"connect": timeout}})
     connect_kwargs: dict[str, Any] = {"banner_timeout": timeout, "auth_timeout": timeout}
@@ -124,6 +138,10 @@ def describe_failure(node: Node, exc: BaseException) -> str:
         return f"{node.name}: {node.address} did not answer (timed out)"
     if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
         return f"{node.name}: cannot connect to {node.address} (connection refused)"
+    if isinstance(exc, paramiko.SSHException) and (
+            "banner" in str(exc) or "No existing session" in str(exc)):
+        # An sshd that accepts the TCP connection and then says nothing: hung or overloaded.
+        return f"{node.name}: {node.address} accepted the connection but its sshd did not answer"
     if isinstance(exc, (OSError, paramiko.SSHException, EOFError)):
         return f"{node.name}: {node.address}: {exc or type(exc).__name__}"
     raise exc
@@ -151,22 +169,62 @@ class Session:
         self.cluster = cluster
         self.timeout = timeout or cluster.health_timeout
         self._contexts: dict[str, Context] = {}
+        self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def context(self, node: Node) -> Context:
+        """The node's connection, opened once, with keepalives. One lock per node: a node
+        whose sshd hangs while connecting holds up no other node."""
         with self._lock:
-            if node.name not in self._contexts:
-                self._contexts[node.name] = connect(node, self.cluster, self.timeout)
-            return self._contexts[node.name]
+            lock = self._locks.setdefault(node.name, threading.Lock())
+        with lock:
+            cx = self._contexts.get(node.name)
+            if cx is None:
+                cx = connect(node, self.cluster, self.timeout)
+                if not node.local:
+                    try:
+                        cx.open()
+                    except BaseException:
+                        cx.close()
+                        raise
+                    cx.transport.set_keepalive(KEEPALIVE)
+                self._contexts[node.name] = cx
+            return cx
 
     def run(self, node: Node, command: str, timeout: float | None = None, **kwargs) -> Answer:
-        """Run `command` on `node`; never raises for a node-side failure."""
+        """Run `command` on `node`; never raises for a node-side failure.
+
+        With a timeout, the answer comes within it (and the connect timeout) even when the
+        node's sshd hangs: Invoke times only the command, and paramiko waits without limit
+        for a hung sshd to open a channel. Such a connection is dropped, not reused.
+        """
+        if timeout is None:
+            return self._run(node, command, None, kwargs)
+        box: list[Answer] = []
+        worker = threading.Thread(target=lambda: box.append(
+            self._run(node, command, timeout, kwargs)), daemon=True)
+        worker.start()
+        worker.join(timeout + self.timeout)
+        if box:
+            return box[0]
+        self.forget(node)
+        return Answer(node, error=f"{node.name}: no answer within {timeout:g}s")
+
+    def _run(self, node: Node, command: str, timeout: float | None, kwargs: dict) -> Answer:
         kwargs = {"hide": True, "warn": True, "in_stream": False, **kwargs}
         try:
             result = self.context(node).run(command, timeout=timeout, **kwargs)
         except Exception as exc:
             return Answer(node, error=describe_failure(node, exc))
         return Answer(node, result.stdout, result.stderr, result.exited)
+
+    def forget(self, node: Node) -> None:
+        """Drop the node's connection (it hung); the next command connects afresh."""
+        with self._lock:
+            cx = self._contexts.pop(node.name, None)
+            self._locks.pop(node.name, None)
+        if cx is not None and hasattr(cx, "close"):
+            threading.Thread(target=cx.close, daemon=True).start()
 
     def stream(self, node: Node, command: str, out) -> Answer:
         """Run `command` on `node`, writing its output to `out` as it comes.
@@ -194,7 +252,7 @@ class Session:
         return fan_out(nodes, lambda n: self.run(n, command(n), timeout=timeout))
 
     def close(self):
-        for cx in self._contexts.values():
+        for cx in list(self._contexts.values()):
             close = getattr(cx, "close", None)
             if close:
                 close()
@@ -233,6 +291,8 @@ def fan_out(nodes: Iterable[Node], fn: Callable[[Node], T]) -> dict[str, T]:
     project path and Python), and the local node is no Connection at all.
     """
     nodes = list(nodes)
+    if not nodes:
+        return {}
     if len(nodes) == 1:
         return {nodes[0].name: fn(nodes[0])}
     with ThreadPoolExecutor(max_workers=min(64, len(nodes))) as pool:
@@ -244,6 +304,7 @@ def scan_host_key(node: Node, timeout: float):
     """Fetch the key a node's sshd presents (no authentication)."""
     import paramiko
 
+    quiet_paramiko()
     sock = socket.create_connection((node.host, node.port), timeout=timeout)
     transport = paramiko.Transport(sock)
     try:

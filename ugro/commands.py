@@ -209,14 +209,21 @@ def watch_job(node: Node, job_id: str, poll: float = 0.2) -> str:
 
 
 def job_state(node: Node, job_id: str) -> str:
-    """Print `pgid=… exit=… alive=0|1` for the job on this node."""
+    """Print `pgid=… exit=… alive=0|1 ended=… stopped=…` for the job on this node.
+
+    `ended` is when the exit code was written (seconds since the epoch; empty while it
+    runs), `stopped` how many of its processes are stopped (SIGSTOP: hung for good).
+    """
     d = node_job_dir(node, job_id)
     return in_project(
         node,
         f"D={q(d)}; J={q(job_id)}; N={q(node.name)}; "
         'P=$(cat "$D/pgid" 2>/dev/null); E=$(cat "$D/exit_code" 2>/dev/null)' + _ALIVE + _TAGGED
         + "\nA=0; if alive || [ -n \"$(tagged)\" ]; then A=1; fi; "
-        'echo "pgid=$P exit=$E alive=$A"',
+        'T=$(stat -c %Y "$D/exit_code" 2>/dev/null); S=0; '
+        'for p in $(tagged); do read -r l 2>/dev/null <"/proc/$p/stat" || continue; '
+        'set -- ${l##*) }; [ "$1" = T ] && S=$((S+1)); done; '
+        'echo "pgid=$P exit=$E alive=$A ended=$T stopped=$S"',
     )
 
 

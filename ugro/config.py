@@ -117,6 +117,7 @@ class Cluster:
     health_timeout: float = 5.0
     known_hosts: str = "~/.ssh/known_hosts"
     port_policy: str = "next-free"  # or "refuse": what a busy master port does
+    lost_after: float = 30.0  # seconds a node may stay silent before its job fails as lost
     sync_paths: tuple[str, ...] = ()
     # With Slurm, `master` (the only node) is the login node that runs Slurm's commands;
     # the compute nodes are Slurm's to choose, named per job.
@@ -136,6 +137,8 @@ class Cluster:
         if not names:
             return self.nodes
         wanted = [s.strip() for s in names.split(",") if s.strip()]
+        if not wanted:
+            raise UgroError(f"--nodes {names!r}: no node names in it")
         for name in wanted:
             self.node(name)
         return tuple(n for n in self.nodes if n.name in wanted)
@@ -302,6 +305,7 @@ def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> 
     settings = _Fields(source, "cluster", data.get("cluster") or {})
     settings.unknown({
         "name", "master_port", "rdzv_backend", "health_timeout", "known_hosts", "port_policy",
+        "lost_after",
     })
 
     master_raw = top.get("master", dict)
@@ -340,8 +344,11 @@ def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> 
     if policy not in ("next-free", "refuse"):
         settings.fail("port_policy", "must be next-free or refuse")
     timeout = settings.get("health_timeout", float, 5.0)
-    if timeout <= 0:
+    if not 0 < timeout < float("inf"):
         settings.fail("health_timeout", "must be > 0")
+    lost_after = settings.get("lost_after", float, 30.0)
+    if not 0 < lost_after < float("inf"):
+        settings.fail("lost_after", "must be a number of seconds > 0")
     sync = _Fields(source, "sync", data.get("sync") or {})
     sync.unknown({"paths"})
     extra_paths = sync.get("paths", list, [])
@@ -355,6 +362,7 @@ def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> 
         health_timeout=timeout,
         known_hosts=_expand(settings.string("known_hosts", "~/.ssh/known_hosts")),
         port_policy=policy,
+        lost_after=lost_after,
         sync_paths=tuple(str(p) for p in extra_paths),
     )
 

@@ -14,8 +14,10 @@ under the job's lock.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 
 from . import store
 from .errors import UgroError
-from .state import Failure, JobStatus, NodeStatus, is_active, is_terminal
+from .state import Failure, JobStatus, NodeStatus, holds_nodes, is_active, is_terminal
 from .wording import suggestion
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -36,9 +38,10 @@ def now() -> str:
 def validate_name(name: str | None) -> str:
     if not name:
         raise UgroError("a job name is required (--name NAME)")
-    if not NAME_RE.match(name) or name in (".", ".."):
+    if not NAME_RE.match(name) or name in (".", "..") or name.startswith("-"):
         raise UgroError(
-            f"invalid job name {name!r}: use 1-64 letters, digits, '.', '_' or '-'"
+            f"invalid job name {name!r}: use 1-64 letters, digits, '.', '_' or '-' "
+            "(not first)"
         )
     return name
 
@@ -58,50 +61,131 @@ class Jobs:
         """A new job directory with a unique id `<name>_<YYYYmmdd_HHMMSS>[_N]`."""
         validate_name(name)
         stamp = (when or datetime.now()).strftime("%Y%m%d_%H%M%S")
-        self.root.mkdir(parents=True, exist_ok=True)
+        with store.writing(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
         for n in range(1, 1000):
             job_id = f"{name}_{stamp}" + (f"_{n}" if n > 1 else "")
             try:
                 self.dir(job_id).mkdir()  # atomic: two launches never share an id
             except FileExistsError:
                 continue
-            for sub in ("logs", "checkpoints", "artifacts"):
-                (self.dir(job_id) / sub).mkdir()
+            except OSError as exc:
+                raise store.WriteError(self.dir(job_id), exc) from None
+            try:
+                with store.writing(self.dir(job_id)):
+                    for sub in ("logs", "checkpoints", "artifacts"):
+                        (self.dir(job_id) / sub).mkdir()
+            except UgroError:
+                self.discard(job_id)
+                raise
             return job_id
         raise UgroError(f"too many jobs named {name} in one second")
 
+    def discard(self, job_id: str) -> None:
+        """Remove a job directory that never got its record (its launch failed first)."""
+        if not (self.dir(job_id) / "metadata.json").exists():
+            shutil.rmtree(self.dir(job_id), ignore_errors=True)
+
     # -- reading ------------------------------------------------------------
     def metadata(self, job_id: str) -> dict:
+        """The job's record; a damaged one (not JSON, not an object, keys missing or of the
+        wrong type) raises `DamagedRecord` naming the file and what is wrong."""
         path = self.dir(job_id) / "metadata.json"
         try:
-            return store.read_json(path)
+            meta = store.read_json(path)
         except FileNotFoundError:
-            raise UgroError(f"job {job_id}: no metadata.json") from None
-        except ValueError as exc:
-            raise UgroError(f"job {job_id}: metadata.json is damaged ({exc})") from None
+            raise DamagedRecord(path, "missing") from None
+        except OSError as exc:
+            raise DamagedRecord(path, f"unreadable ({exc.strerror or exc})") from None
+        except (ValueError, RecursionError) as exc:
+            raise DamagedRecord(path, f"not valid JSON ({exc})") from None
+        why = record_problem(meta)
+        if why:
+            raise DamagedRecord(path, why)
+        return meta
 
     def status(self, job_id: str) -> JobStatus | None:
         return JobStatus.parse(self.metadata(job_id).get("status"))
 
     def config(self, job_id: str) -> dict:
+        path = self.dir(job_id) / "config.json"
         try:
-            return store.read_json(self.dir(job_id) / "config.json")
-        except (FileNotFoundError, ValueError) as exc:
-            raise UgroError(f"job {job_id}: config.json unreadable ({exc})") from None
+            data = store.read_json(path)
+        except (OSError, ValueError, RecursionError) as exc:
+            raise UgroError(f"{path}: unreadable ({exc})") from None
+        if not isinstance(data, dict):
+            raise UgroError(f"{path}: not a JSON object")
+        return data
+
+    def nodes_of(self, job_id: str) -> list[str] | None:
+        """The nodes a job was planned on, from config.json (for a job whose metadata.json is
+        damaged); None when that is unreadable too."""
+        try:
+            nodes = self.config(job_id).get("nodes")
+        except UgroError:
+            return None
+        return list(nodes) if isinstance(nodes, dict) else None
+
+    def ended(self) -> set[str]:
+        """The ids in job_history.jsonl (a job gets its line when it ends); damaged lines
+        are skipped."""
+        try:
+            text = self.history.read_text(errors="replace")
+        except OSError:
+            return set()
+        out = set()
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("job_id"), str):
+                out.add(entry["job_id"])
+        return out
 
     # -- transitions --------------------------------------------------------
     def begin(self, job_id: str, name: str, *, cluster_file: str, world_size: int, master: str,
               nodes: dict[str, dict]) -> dict:
-        """The first record of a job: PENDING, each node `starting` with its rank and rank count."""
+        """The first record of a job: PENDING, each node `starting` with its rank and rank count.
+
+        A queued job keeps its creation time and its queue facts (`enqueue`).
+        """
+        path = self.dir(job_id) / "metadata.json"
+        queued = store.read_json(path) if path.exists() else {}
         meta = {
             "job_id": job_id, "name": name, "status": JobStatus.PENDING,
-            "created_at": now(), "started_at": None, "ended_at": None,
+            "created_at": queued.get("created_at") or now(), "started_at": None, "ended_at": None,
             "cluster_file": cluster_file, "world_size": world_size, "master": master,
             "nodes": {node: {**facts, "status": NodeStatus.STARTING, "pgid": None,
                              "exit_code": None} for node, facts in nodes.items()},
         }
+        if "queue" in queued:
+            meta["queue"] = queued["queue"]
+        store.write_json(path, meta)
+        return meta
+
+    def enqueue(self, job_id: str, name: str, *, cluster_file: str, queue: dict) -> dict:
+        """The first record of a queued job: QUEUED, no nodes yet, the request in `queue`."""
+        meta = {
+            "job_id": job_id, "name": name, "status": JobStatus.QUEUED,
+            "created_at": now(), "started_at": None, "ended_at": None,
+            "cluster_file": cluster_file, "world_size": None, "master": None, "nodes": {},
+            "queue": queue,
+        }
         store.write_json(self.dir(job_id) / "metadata.json", meta)
         return meta
+
+    def note_queue(self, job_id: str, facts: dict) -> dict:
+        """Update a queued job's queue facts (why it waits, since when)."""
+        return self._update(job_id, lambda meta: meta.setdefault("queue", {}).update(facts))
+
+    def requeue(self, job_id: str, why: str) -> dict:
+        """Put a claimed job whose start never reached any node back in the queue."""
+        def change(meta):
+            meta.update(status=JobStatus.QUEUED, nodes={}, world_size=None, master=None)
+            meta["queue"].update(reason=why, since=now())
+
+        return self._update(job_id, change)
 
     def submitted(self, job_id: str, name: str, *, cluster_file: str, world_size: int,
                   slurm: dict) -> dict:
@@ -121,9 +205,9 @@ class Jobs:
 
     def mark_allocated(self, job_id: str, nodes: dict[str, dict]) -> dict:
         """RUNNING from now on the nodes Slurm chose (each with its rank and rank count);
-        a job already ended (cancelled while queued) stays as it is."""
+        a job no longer QUEUED (cancelled meanwhile) stays as it is."""
         def change(meta):
-            if not is_active(meta.get("status")):
+            if JobStatus.parse(meta.get("status")) is not JobStatus.QUEUED:
                 return
             meta["status"] = JobStatus.RUNNING
             meta["started_at"] = now()
@@ -146,10 +230,45 @@ class Jobs:
     def set_supervisor(self, job_id: str, pid: int) -> dict:
         return self._update(job_id, lambda meta: meta.update(supervisor_pid=pid))
 
-    def request_cancel(self, job_id: str) -> dict:
+    def request_cancel(self, job_id: str, reason: str) -> dict:
         """Note that a cancel was asked for (the first time only): the supervisor then records
         the nodes' non-zero exits as the cancel's doing, not as a failure."""
-        return self._update(job_id, lambda meta: meta.setdefault("cancel_requested_at", now()))
+        def change(meta):
+            meta.setdefault("cancel_requested_at", now())
+            meta.setdefault("cancel_reason", reason)
+
+        return self._update(job_id, change)
+
+    def cancel_outcome(self, job_id: str, stops: dict[str, str], reason: str) -> dict:
+        """Record what each node answered to a stop (`stopped` confirms it). CANCELLED only
+        once every node has confirmed; until then CANCELLING, naming the nodes still pending."""
+        def change(meta):
+            for name, outcome in stops.items():
+                facts = meta["nodes"].setdefault(name, {})
+                facts["stop"] = outcome
+                if outcome == "stopped":
+                    if NodeStatus.parse(facts.get("status")) not in (NodeStatus.COMPLETED,
+                                                                     NodeStatus.START_FAILED):
+                        facts["status"] = NodeStatus.CANCELLED
+                else:
+                    facts["status"] = NodeStatus.CANCEL_PENDING
+            if is_terminal(meta.get("status")):
+                return
+            pending = {n: f.get("stop") for n, f in meta["nodes"].items()
+                       if f.get("status") == NodeStatus.CANCEL_PENDING}
+            if pending:
+                meta["status"] = JobStatus.CANCELLING
+                meta["error"] = "cancel pending on " + "; ".join(
+                    f"{n} ({why})" for n, why in pending.items())
+                return
+            meta.update(status=JobStatus.CANCELLED, ended_at=now(), error=reason)
+            first.append(True)
+
+        first: list[bool] = []
+        meta = self._update(job_id, change)
+        if first:
+            store.append_json(self.history, history_line(meta))
+        return meta
 
     def note_nodes(self, job_id: str, facts: dict[str, dict]) -> dict:
         """Add facts about nodes (checkpoints they hold, when their log was fetched)."""
@@ -160,11 +279,13 @@ class Jobs:
         return self._update(job_id, change)
 
     def finish(self, job_id: str, status: JobStatus, *, failure: Failure | None = None,
-               error: str | None = None, nodes: dict[str, dict] | None = None) -> dict:
+               error: str | None = None, nodes: dict[str, dict] | None = None,
+               ended_at: str | None = None) -> dict:
         """Move a job to a final status once; a job already final keeps its status.
 
         `inv cancel` and the supervisor may both finish the same job: whoever is
-        first decides the status, the other only adds its per-node facts.
+        first decides the status, the other only adds its per-node facts. `ended_at` is for
+        a job found ended after the fact (reconciled): when it ended, not when it was noticed.
         """
         assert status.is_terminal(), status
         first = []
@@ -175,7 +296,7 @@ class Jobs:
             if is_terminal(meta.get("status")):
                 return
             meta["status"] = status
-            meta["ended_at"] = now()
+            meta["ended_at"] = ended_at or now()
             if failure is not None:
                 meta["failure"] = failure.as_dict()
             if error is not None:
@@ -233,14 +354,45 @@ class Jobs:
         raise UgroError(f"no job named {text!r}; {hint or 'no jobs yet'}")
 
     def active(self) -> list[str]:
+        """Jobs not over: queued, starting, running or cancelling ones, ones with a node still to
+        stop, and ones
+        whose record is too damaged to tell and that never ended (no history line): damage
+        must never free a busy node."""
         out = []
+        ended = None
         for job_id in self.ids():
             try:
-                if is_active(self.metadata(job_id).get("status")):
+                meta = self.metadata(job_id)
+                if is_active(meta.get("status")) or holds_nodes(meta):
                     out.append(job_id)
-            except UgroError:
-                continue
+            except DamagedRecord:
+                ended = self.ended() if ended is None else ended
+                if job_id not in ended:
+                    out.append(job_id)
         return out
+
+
+class DamagedRecord(UgroError):
+    """A job's metadata.json that cannot be used as a record."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = path, why
+
+
+def record_problem(meta) -> str | None:
+    """What makes `meta` unusable as a job record, or None."""
+    if not isinstance(meta, dict):
+        return f"not a JSON object (a {type(meta).__name__})"
+    for key in ("job_id", "name"):
+        if not isinstance(meta.get(key), str):
+            return f"{key}: missing or not a string"
+    if JobStatus.parse(meta.get("status")) is None:
+        return f"status {meta.get('status')!r} is not a job status"
+    nodes = meta.get("nodes")
+    if not isinstance(nodes, dict) or not all(isinstance(f, dict) for f in nodes.values()):
+        return "nodes: expected a mapping of node name to facts"
+    return None
 
 
 def job_name(job_id: str) -> str:

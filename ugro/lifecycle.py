@@ -1,7 +1,7 @@
 """A job's life on the machines: start it, hand it to a supervisor, cancel it, reconcile it.
 
-The flow of `inv launch`: `plan.check_script` and `busy_nodes` (nothing else holds
-the nodes), `plan.preflight` (health, versions, master port), the record
+The flow of `inv launch`: `plan.ranks_per_node` and `busy_nodes` (nothing else holds
+the nodes), `plan.preflight` (health, the script on every node, versions, master port), the record
 (`Jobs.begin`), the backend starts every node, and a supervisor process
 (`python -m ugro.supervise`) takes over: it streams every node's output home,
 fails fast, and writes the final record. The launcher then follows the logs
@@ -25,32 +25,55 @@ from .backends import backend_for
 from .cluster import Session
 from .config import Cluster, Node
 from .errors import UgroError
-from .jobs import Jobs, git_state
+from .jobs import DamagedRecord, Jobs, git_state
 from .plan import LaunchConfig, plan, preflight, ranks_per_node
-from .state import JobStatus, NodeStatus, is_active
-from .supervise import Supervisor
+from .state import JobStatus, NodeStatus, holds_nodes, in_queue, is_active
+from .supervise import Supervisor, iso
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def busy_nodes(jobs: Jobs, cluster: Cluster, nodes: tuple[Node, ...]) -> list[str]:
-    """Jobs that hold any of these nodes now (after reconciling stale records)."""
+    """Jobs that hold any of these nodes now (after reconciling stale records).
+
+    A job whose record is damaged holds the nodes its config.json names (every node when that
+    is damaged too) until the record is fixed or removed: damage never frees a busy node.
+    """
     wanted = {n.name for n in nodes}
     holding = []
     for job_id in jobs.active():
-        meta = reconcile(jobs, cluster, job_id)
-        shared = wanted & set(meta.get("nodes", {}))
-        if is_active(meta.get("status")) and shared:
-            holding.append(f"{job_id} ({meta['status']} on {', '.join(sorted(shared))})")
+        try:
+            meta = reconcile(jobs, cluster, job_id)
+        except DamagedRecord as exc:
+            named = jobs.nodes_of(job_id)
+            shared = wanted & set(named) if named is not None else wanted
+            if shared:
+                holding.append(f"{job_id} (on {', '.join(sorted(shared))}; its record is "
+                               f"damaged: {exc}; fix or remove it once its processes are gone)")
+            continue
+        shared = wanted & set(meta["nodes"])
+        if holds_nodes(meta) and shared:
+            holding.append(f"{job_id} ({held_as(meta)} on {', '.join(sorted(shared))})")
     return holding
 
 
+def held_as(meta: dict) -> str:
+    """Why a job holds its nodes, in a few words: its status, and any node still to stop."""
+    pending = [n for n, f in meta["nodes"].items()
+               if (NodeStatus.parse(f.get("status")) or NodeStatus.RUNNING).needs_stop()]
+    if pending and JobStatus.parse(meta["status"]).is_terminal():
+        return f"{meta['status']}, processes not yet confirmed stopped on {', '.join(pending)}"
+    return str(meta["status"])
+
+
 def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
-           warn=lambda line: None) -> str:
+           warn=lambda line: None, queued: str | None = None) -> str:
     """Preflight, record, start every node, hand over to a supervisor; returns the job id.
 
     `warn` hears what preflight found harmless but worth saying (a Python patch release
-    that differs). Nothing is recorded until the plan is valid. A cluster whose own
+    that differs). Nothing is recorded until the plan is valid. `queued` is a queued job's
+    id: its record exists already (`ugro.schedule` made it, and chose the nodes in
+    `cfg.nodes`), and it starts here by the same path as any launch. A cluster whose own
     scheduler runs jobs (Slurm) gets the job submitted instead (`submit`).
     """
     backend = backend_for(cluster)
@@ -61,34 +84,39 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
     with store.locked(jobs.data_dir / ".launch.lock"), Session(cluster) as session:
         holding = busy_nodes(jobs, cluster, cluster.select(cfg.nodes))
         if holding:
-            raise UgroError(f"nodes are busy with job {'; '.join(holding)}; "
-                            "wait for it or run: inv cancel <job>")
+            raise UgroError(f"nodes are busy with job {'; '.join(holding)}; wait for it, "
+                            "add --queue to start once they are free, or run: inv cancel <job>")
         reports, port, warnings = preflight(cluster, cfg, session)
         for line in warnings:
             warn(line)
-        job_id = jobs.create(cfg.name)
-        plans = plan(cluster, cfg, job_id, port)
-        backend = backend_for(cluster)
-        master = f"{plans[0].node.host}:{port}"
-        world = sum(p.nproc for p in plans)
-        store.write_json(jobs.dir(job_id) / "config.json", {
-            "job_id": job_id,
-            "launch": asdict(cfg),
-            "cluster": {"name": cluster.name, "file": str(cluster.source),
-                        "rdzv_backend": cluster.rdzv_backend, "master": master},
-            "world_size": world,
-            "nodes": {p.node.name: {"node_rank": p.node_rank, "nproc": p.nproc,
-                                    "host": p.node.host, "argv": p.argv,
-                                    "command": backend.command_line(job_id, p)} for p in plans},
-            "versions": {r.node: {"python": r.python, "torch": r.torch,
-                                  "cuda": r.torch_cuda, "driver": r.driver,
-                                  "gpus": [g.name for g in r.gpus]} for r in reports},
-            "git": git_state(root),
-        })
-        jobs.begin(job_id, cfg.name, cluster_file=str(cluster.source), world_size=world,
-                   master=master,
-                   nodes={p.node.name: {"node_rank": p.node_rank, "nproc": p.nproc}
-                          for p in plans})
+        job_id = queued or jobs.create(cfg.name)
+        try:
+            plans = plan(cluster, cfg, job_id, port)
+            backend = backend_for(cluster)
+            master = f"{plans[0].node.host}:{port}"
+            world = sum(p.nproc for p in plans)
+            store.write_json(jobs.dir(job_id) / "config.json", {
+                "job_id": job_id,
+                "launch": asdict(cfg),
+                "cluster": {"name": cluster.name, "file": str(cluster.source),
+                            "rdzv_backend": cluster.rdzv_backend, "master": master},
+                "world_size": world,
+                "nodes": {p.node.name: {"node_rank": p.node_rank, "nproc": p.nproc,
+                                        "host": p.node.host, "argv": p.argv,
+                                        "command": backend.command_line(job_id, p)} for p in plans},
+                "versions": {r.node: {"python": r.python, "torch": r.torch,
+                                      "cuda": r.torch_cuda, "driver": r.driver,
+                                      "gpus": [g.name for g in r.gpus]} for r in reports},
+                "git": git_state(root),
+            })
+            jobs.begin(job_id, cfg.name, cluster_file=str(cluster.source), world_size=world,
+                       master=master,
+                       nodes={p.node.name: {"node_rank": p.node_rank, "nproc": p.nproc}
+                              for p in plans})
+        except BaseException:
+            if not queued:  # a queued job keeps its record; the scheduler decides
+                jobs.discard(job_id)  # no job directory is left without its record
+            raise
         with closing(backend):
             started = backend.start(job_id, plans)
             pgids = {name: v for name, v in started.items() if isinstance(v, int)}
@@ -143,10 +171,11 @@ def wait_for_ranks(jobs: Jobs, cluster: Cluster, job_id: str, timeout: float = 3
                    poll: float = 0.2) -> dict[str, str]:
     """Wait until every node runs all its ranks; node -> 'N/N ranks', 'ended' or why not.
 
-    Returns early when the job stops being active (a node failed at start-up).
+    Returns early when the job stops being active (a node failed at start-up); the nodes
+    that had not reported by then say so.
     """
     meta = jobs.metadata(job_id)
-    want = {name: facts["nproc"] for name, facts in meta["nodes"].items()}
+    want = {name: facts.get("nproc") or 1 for name, facts in meta["nodes"].items()}
     nodes = [cluster.node(n) for n in want]
     seen: dict[str, str] = {}
     deadline = time.monotonic() + timeout
@@ -158,7 +187,12 @@ def wait_for_ranks(jobs: Jobs, cluster: Cluster, job_id: str, timeout: float = 3
                     seen[name] = "ended"
                 elif isinstance(running, int) and running >= want[name]:
                     seen[name] = f"{running}/{want[name]} ranks"
-            if len(seen) == len(nodes) or not is_active(jobs.metadata(job_id).get("status")):
+            if len(seen) == len(nodes):
+                break
+            status = jobs.metadata(job_id).get("status")
+            if not is_active(status):
+                for n in nodes:
+                    seen.setdefault(n.name, f"never ran all its ranks (job {status})")
                 break
             if time.monotonic() > deadline:
                 for n in nodes:
@@ -169,44 +203,60 @@ def wait_for_ranks(jobs: Jobs, cluster: Cluster, job_id: str, timeout: float = 3
 
 
 def spawn_supervisor(jobs: Jobs, cluster: Cluster, job_id: str) -> int:
-    log = (jobs.dir(job_id) / "supervisor.log").open("ab")
+    try:
+        log = (jobs.dir(job_id) / "supervisor.log").open("ab")
+    except OSError:
+        log = subprocess.DEVNULL  # a full disk: the supervisor still runs, and says why it can
     proc = subprocess.Popen(
         [sys.executable, "-m", "ugro.supervise", "--data-dir", str(jobs.data_dir.resolve()),
          "--cluster", str(cluster.source.resolve()), job_id],
         cwd=PACKAGE_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
     )
+    if log is not subprocess.DEVNULL:
+        log.close()
     jobs.set_supervisor(job_id, proc.pid)
     return proc.pid
 
 
 def supervisor_alive(meta: dict) -> bool:
     pid = meta.get("supervisor_pid")
-    return bool(pid) and procs.running(pid, b"ugro.supervise", meta["job_id"].encode())
+    return isinstance(pid, int) and pid > 0 and procs.running(
+        pid, b"ugro.supervise", meta["job_id"].encode())
 
 
 def cancel(jobs: Jobs, cluster: Cluster, job_id: str, grace: float = 3.0,
            reason: str = "cancelled by user") -> dict:
+    """Stop the job on every node it may still run on. CANCELLED once every node confirmed its
+    processes gone; a node that could not be reached leaves it CANCELLING ("cancel pending on
+    lab2"), holding its nodes, and the next cancel, status or launch tries that node again."""
     meta = jobs.metadata(job_id)
     if not is_active(meta.get("status")):
         return meta
-    jobs.request_cancel(job_id)
-    nodes = [cluster.node(n) for n in meta["nodes"]]
+    meta = jobs.request_cancel(job_id, reason)
+    names = [n for n, f in meta["nodes"].items() if f.get("stop") != "stopped"]
+    nodes = [cluster.node(n) for n in names]
     with closing(backend_for(cluster)) as backend:
         result = backend.stop(nodes, job_id, grace)
-    return jobs.finish(job_id, JobStatus.CANCELLED, error=reason, nodes={
-        name: {"status": NodeStatus.CANCELLED, "stop": outcome}
-        for name, outcome in result.items()})
+    return jobs.cancel_outcome(job_id, result, meta.get("cancel_reason") or reason)
 
 
 def reconcile(jobs: Jobs, cluster: Cluster, job_id: str) -> dict:
-    """Bring an active job's record in line with its nodes when its supervisor is gone.
+    """Bring a job's record in line with its nodes where nobody else does.
 
-    Nodes still running: a new supervisor takes over. All ended: the final
-    record is written from their exit-code files (and their logs fetched).
+    A cancel still pending is tried again. With its supervisor gone: nodes still running get
+    a new supervisor; all ended, the final record is written from their exit-code files
+    (ended when the last of them ended); a node it lost is stopped once it answers again.
     """
     meta = jobs.metadata(job_id)
-    if not is_active(meta.get("status")) or supervisor_alive(meta):
+    status = JobStatus.parse(meta["status"])
+    if in_queue(meta):
+        return meta  # nothing runs yet: the queue's scheduling pass owns it
+    if status is JobStatus.CANCELLING:
+        return cancel(jobs, cluster, job_id, reason=meta.get("cancel_reason") or "cancelled")
+    if supervisor_alive(meta):
         return meta
+    if status.is_terminal():
+        return _stop_lost(jobs, cluster, meta)
     nodes = [cluster.node(n) for n in meta["nodes"]]
     with closing(backend_for(cluster)) as backend:
         if backend.schedules and not nodes:
@@ -219,43 +269,79 @@ def reconcile(jobs: Jobs, cluster: Cluster, job_id: str) -> dict:
         return jobs.metadata(job_id)
     if not all(s.reachable for s in states.values()):
         return meta  # can't tell yet; never guess a final status
-    Supervisor(jobs, cluster, job_id).run()
+    times = [s.ended_at for s in states.values() if s.ended_at]
+    Supervisor(jobs, cluster, job_id, ended_at=iso(max(times)) if times else None).run()
     return jobs.metadata(job_id)
 
 
+def _stop_lost(jobs: Jobs, cluster: Cluster, meta: dict) -> dict:
+    lost = [n for n, f in meta["nodes"].items() if f.get("status") == NodeStatus.LOST]
+    if not lost:
+        return meta
+    with closing(backend_for(cluster)) as backend:
+        stops = backend.stop([cluster.node(n) for n in lost], meta["job_id"], 3.0)
+    return jobs.note_nodes(meta["job_id"], {
+        name: {"stop": outcome, **({"status": NodeStatus.FAILED} if outcome == "stopped" else {})}
+        for name, outcome in stops.items()})
+
+
 # -- attached mode -------------------------------------------------------------
-def wait_attached(jobs: Jobs, cluster: Cluster, job_id: str, out=sys.stdout) -> dict:
-    """Stream the job's logs until it ends; Ctrl-C or SIGTERM cancels it everywhere."""
+def wait_attached(jobs: Jobs, cluster: Cluster, job_id: str, out=sys.stdout,
+                  every: float = 2.0) -> dict:
+    """Stream the job's logs until it ends; Ctrl-C or SIGTERM cancels it everywhere.
+
+    Always returns: when the supervisor is gone and its record cannot be finished here either
+    (a full disk), it raises that one-line problem instead of following forever.
+    """
     from .logs import follow
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    done = threading.Event()
-    threading.Thread(target=_watchdog, args=(jobs, cluster, job_id, done), daemon=True).start()
+    ended = threading.Event()
+    problems: list[str] = []
+
+    def follower():
+        try:
+            follow(jobs, job_id, out=out)
+        except UgroError as exc:
+            problems.append(str(exc))
+        finally:
+            ended.set()
+
+    threading.Thread(target=follower, daemon=True).start()
     try:
-        follow(jobs, job_id, out=out)
+        while not ended.wait(every) and not problems:
+            problems.extend(_watchdog(jobs, cluster, job_id))
     except KeyboardInterrupt:
         print(f"\ncancelling {job_id} on every node...", file=sys.stderr, flush=True)
         cancel(jobs, cluster, job_id, reason="interrupted (Ctrl-C/SIGTERM on inv launch)")
     finally:
-        done.set()
         signal.signal(signal.SIGTERM, previous)
+    if problems:
+        raise UgroError(f"job {job_id}: {problems[0]}; its final state stays on the nodes: "
+                        "inv status reconciles it once that is fixed")
     deadline = time.monotonic() + 30
     meta = jobs.metadata(job_id)
-    while is_active(meta.get("status")) and time.monotonic() < deadline:
+    while is_active(meta.get("status")) and meta["status"] != JobStatus.CANCELLING \
+            and time.monotonic() < deadline:
         time.sleep(0.1)
         meta = jobs.metadata(job_id)
+    ended.wait(5)  # the follower prints the last lines once it sees the job ended
     return meta
 
 
-def _watchdog(jobs: Jobs, cluster: Cluster, job_id: str, done: threading.Event,
-              every: float = 2.0) -> None:
-    """While attached, make sure a dead supervisor cannot leave us following forever."""
-    while not done.wait(every):
+def _watchdog(jobs: Jobs, cluster: Cluster, job_id: str) -> list[str]:
+    """While attached, make sure a dead supervisor cannot leave us following forever;
+    returns why the job cannot be followed to its end, if it cannot."""
+    try:
         meta = jobs.metadata(job_id)
-        if not is_active(meta.get("status")):
-            return
-        if not supervisor_alive(meta):
-            reconcile(jobs, cluster, job_id)
+        if is_active(meta.get("status")) and not supervisor_alive(meta):
+            meta = reconcile(jobs, cluster, job_id)
+            if is_active(meta.get("status")) and not supervisor_alive(meta) \
+                    and meta["status"] != JobStatus.CANCELLING:
+                return ["its supervisor is gone and its nodes cannot be asked"]
+    except UgroError as exc:
+        return [str(exc)]
+    return []
 
 
 def _raise_interrupt(signum, frame):

@@ -43,6 +43,8 @@ class NodeLog:
         self.exit: str | None = None
         self.failed_rank: int | None = None
         self.lock = threading.Lock()
+        self.lost_lines = 0  # lines the file could not take (a full disk): the gap
+        self.write_error: str | None = None
 
     def write(self, data: str) -> None:
         with self.lock:
@@ -56,8 +58,28 @@ class NodeLog:
         for line in lines:
             self._line(line, out)
         if out:
+            self._write(out)
+
+    def _write(self, out: list[str]) -> None:
+        """Write whole lines; a failed write (disk full) loses them but never the stream, whose
+        exit marker still counts. Once writing works again, a line marks the gap."""
+        if self.lost_lines:
+            out.insert(0, f"{self.node}    | [ugro: {self.gap}]\n")
+        try:
             self.file.write("".join(out))
             self.file.flush()
+        except OSError as exc:
+            self.lost_lines += len(out) - (1 if self.lost_lines else 0)
+            self.write_error = exc.strerror or str(exc)
+            return
+        self.lost_lines = 0
+
+    @property
+    def gap(self) -> str | None:
+        if self.write_error is None:
+            return None
+        return (f"log lines not saved ({self.write_error} writing {self.file.name}); "
+                f"the node keeps the whole output")
 
     def _line(self, line: str, out: list[str]) -> None:
         if self.exit is not None:
@@ -98,9 +120,12 @@ class NodeLog:
             out: list[str] = []
             self._blanks(out)
             if out:
-                self.file.write("".join(out))
+                self._write(out)
             self.buffer = ""
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as exc:  # the last buffered bytes could not be written
+                self.write_error = exc.strerror or str(exc)
 
     def tail(self, n: int = 50) -> list[str]:
         return Path(self.file.name).read_text(errors="replace").splitlines()[-n:]

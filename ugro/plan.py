@@ -53,6 +53,12 @@ class LaunchConfig:
     resume: bool = False
     script_args: tuple[str, ...] = ()
     grace: float = 3.0
+    # The queue's requests (`ugro.schedule` checks and resolves them).
+    queue: bool = False
+    num_nodes: int | None = None
+    min_gpu_mem: str | None = None
+    priority: int = 0
+    after: tuple[str, ...] = ()
 
     def __post_init__(self):
         validate_name(self.name)

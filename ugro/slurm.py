@@ -226,8 +226,8 @@ def watch_output(job_dir: str, node: str, slurm_id: str, poll: float = 0.2,
     per round, and the loop ends only once it has sent the marker. Whether the
     job still runs is Slurm's to say (asked every `ask_every` rounds, not every
     round: slurmctld serves the whole cluster); once it has ended without a
-    marker, one last round sends what is there and a `lost` marker (or
-    `missing` when the node never wrote a line).
+    marker, one last round sends what is there and a `killed` marker, as on SSH
+    nodes (or `missing` when the node never wrote a line).
     """
     f = f'{rpath(job_dir)}/nodes/{q(node)}/output.log'
     active = "|".join(f"{s}*" for s in ACTIVE_STATES)
@@ -241,7 +241,7 @@ def watch_output(job_dir: str, node: str, slurm_id: str, poll: float = 0.2,
         f"  s0=$((off-{len(EXIT_MARKER) + 30})); [ $s0 -lt 1 ] && s0=1; "
         '  [ "$off" -gt 0 ] && tail -c +$s0 "$F" 2>/dev/null | head -c $((off-s0+1)) '
         '| grep -q "$M" && break; '
-        '  if [ $end -gt 0 ]; then [ "$off" -gt 0 ] && w=lost || w=missing; '
+        '  if [ $end -gt 0 ]; then [ "$off" -gt 0 ] && w=killed || w=missing; '
         f'    printf "\\n{_MARKER} %s\\n" $w; break; fi; '
         f"  n=$((n+1)); if [ $((n % {ask_every})) -eq 1 ]; then "
         f"    st=$(squeue -h -t all -j {q(_slurm_id(slurm_id))} -o %T 2>&1); "

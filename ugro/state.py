@@ -26,19 +26,26 @@ class _State(str, Enum):
 
 
 class JobStatus(_State):
-    QUEUED = "QUEUED"  # waiting in the queue for its nodes or its predecessors; holds nothing
+    QUEUED = "QUEUED"  # waiting in the queue (or Slurm's) for its nodes or predecessors; holds none
     PENDING = "PENDING"  # recorded, nodes not started yet
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    # A cancel was sent but some node has not confirmed its processes gone (it could not be
+    # reached): the job still holds its nodes, and the next cancel, status or reconcile retries.
+    CANCELLING = "CANCELLING"
 
     def is_terminal(self) -> bool:
         return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
     def is_active(self) -> bool:
-        """The job holds its nodes: it may have processes on them."""
+        """The job is not over yet: queued, starting or running."""
         return not self.is_terminal()
+
+    def holds_nodes(self) -> bool:
+        """The job holds its nodes: it may have processes on them."""
+        return self.is_active() and self is not JobStatus.QUEUED
 
 
 class NodeStatus(_State):
@@ -48,9 +55,16 @@ class NodeStatus(_State):
     FAILED = "failed"
     CANCELLED = "cancelled"
     START_FAILED = "failed to start"
+    CANCEL_PENDING = "cancel pending"  # stop sent, not confirmed: the node could not be reached
+    LOST = "lost"  # silent beyond cluster.lost_after; its processes not yet confirmed stopped
 
     def is_terminal(self) -> bool:
-        return self not in (NodeStatus.STARTING, NodeStatus.RUNNING)
+        return self not in (NodeStatus.STARTING, NodeStatus.RUNNING, NodeStatus.CANCEL_PENDING,
+                            NodeStatus.LOST)
+
+    def needs_stop(self) -> bool:
+        """The node may still run the job's processes though the job has given up on them."""
+        return self in (NodeStatus.CANCEL_PENDING, NodeStatus.LOST)
 
 
 def is_active(status) -> bool:
@@ -62,6 +76,37 @@ def is_active(status) -> bool:
 def is_terminal(status) -> bool:
     state = JobStatus.parse(status)
     return state is not None and state.is_terminal()
+
+
+def holds_nodes(meta: dict) -> bool:
+    """Whether a job record keeps its nodes from other jobs: it is active and past the queue,
+    or a node it lost has not yet confirmed its processes stopped. A record too damaged to
+    tell holds them."""
+    if not isinstance(meta, dict):
+        return True
+    status = JobStatus.parse(meta.get("status"))
+    if status is None:
+        return True
+    if status.is_active():
+        return status.holds_nodes()
+    nodes = meta.get("nodes")
+    if not isinstance(nodes, dict):
+        return False
+    return any(isinstance(f, dict) and NodeStatus.parse(f.get("status")) in
+               (NodeStatus.CANCEL_PENDING, NodeStatus.LOST) for f in nodes.values())
+
+
+def in_queue(meta: dict) -> bool:
+    """Whether a job waits in UGRO's own queue, which `ugro.schedule` owns. A job the cluster's
+    scheduler holds QUEUED (Slurm: a `slurm` record, no `queue`) is not: its supervisor waits."""
+    return (isinstance(meta, dict) and JobStatus.parse(meta.get("status")) is JobStatus.QUEUED
+            and "slurm" not in meta)
+
+
+def watched(meta: dict) -> bool:
+    """Whether a job holds nodes or has a supervisor watching it: any job not over but one in
+    UGRO's own queue (a Slurm-queued one included), and an ended one with a node to stop."""
+    return holds_nodes(meta) or (is_active(meta.get("status")) and not in_queue(meta))
 
 
 @dataclass(frozen=True)
@@ -87,6 +132,8 @@ class NodeState:
     exit_code: str | None = None  # as the node wrote it; None while running or never started
     alive: bool = False
     error: str | None = None  # the node could not be asked
+    ended_at: float | None = None  # when the exit code was written (epoch seconds)
+    stopped: int = 0  # processes of the job that are stopped (SIGSTOP)
 
     @property
     def reachable(self) -> bool:

@@ -2,7 +2,9 @@
 
 A reader never sees half a file: JSON goes to a temp file in the same
 directory, is fsynced, then renamed over the old one. Appends take an
-exclusive flock so concurrent writers never interleave within a line.
+exclusive flock so concurrent writers never interleave within a line. A write
+that fails (disk full, no permission, read-only) raises `WriteError`, one line
+naming the path, and leaves the old file as it was.
 """
 
 from __future__ import annotations
@@ -16,13 +18,34 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import UgroError
+
+
+class WriteError(UgroError):
+    """The control node could not write a file of its own."""
+
+    def __init__(self, path: Path, exc: OSError):
+        super().__init__(f"cannot write {path}: {exc.strerror or exc}")
+        self.path, self.errno = path, exc.errno
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an OSError in the block into a `WriteError` naming `path`."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise WriteError(path, exc) from None
+
 
 def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
-    with replacing(path) as tmp, tmp.open("w") as f:
+    with writing(path), replacing(path) as tmp, tmp.open("w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -35,9 +58,10 @@ def replacing(path: Path) -> Iterator[Path]:
     For writers that want a path of their own (a log formatter, matplotlib, paramiko's
     `HostKeys.save`): whatever they leave half-written is removed, never seen.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
@@ -48,11 +72,12 @@ def replacing(path: Path) -> Iterator[Path]:
 
 
 def append_line(path: Path, line: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(line.rstrip("\n") + "\n")
-        f.flush()
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
 
 
 def append_json(path: Path, data: Any) -> None:
@@ -62,8 +87,10 @@ def append_json(path: Path, data: Any) -> None:
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on `path` (a lock file) for a read-modify-write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = path.open("a")
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
 

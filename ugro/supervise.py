@@ -2,8 +2,18 @@
 
 `inv launch` starts it in its own session, so fail-fast and the final record
 keep working when the user's terminal closes or the launcher is killed. It
-streams every node's output home (one `NodeLog` per node), stops the other
-nodes as soon as one fails, and writes the final record.
+streams every node's output home (one `NodeLog` per node), asks every node
+how its processes are every few seconds, stops the other nodes as soon as one
+fails or falls silent for `cluster.lost_after` seconds, and writes the final
+record. Each node's stream and questions run in threads of their own, so a
+node whose sshd hangs holds up nothing: it is declared lost on time.
+
+A job the cluster's scheduler runs (Slurm, `Backend.schedules`) is watched, not
+driven: the supervisor waits while Slurm holds it QUEUED, records the nodes Slurm
+chose, and streams their output from the shared directory. Slurm stops the other
+nodes when one fails (`--kill-on-bad-exit`) and ends the job when a node dies, so
+nothing here stops nodes or declares them lost; their state is asked only when a
+node's stream ends without its exit marker.
 """
 
 from __future__ import annotations
@@ -13,64 +23,81 @@ import sys
 import threading
 import time
 from contextlib import closing
+from datetime import datetime, timezone
 from pathlib import Path
 
 from . import commands, store
 from .backends import Backend, backend_for
-from .cluster import fan_out
 from .config import Cluster, Node, load_cluster
 from .errors import UgroError
 from .jobs import Jobs, now, validate_name
 from .logs import NodeLog, first_error
 from .state import Failure, JobStatus, NodeStatus, exit_code_int, is_active
 
-KILLED = (143, 137)  # SIGTERM, SIGKILL as exit codes
+RECORD_RETRY = 30.0  # seconds to keep retrying a record the control node cannot write
+LOST_RETRY = 600.0  # seconds to keep trying to stop a lost node's processes once it is back
+KILLED = ("143", "137", "killed")  # SIGTERM, SIGKILL as exit codes; a group gone without one
 
 
 class Supervisor:
     """Watch every node of a job until it ends; fail fast; write the final record."""
 
-    def __init__(self, jobs: Jobs, cluster: Cluster, job_id: str, grace: float = 3.0):
+    def __init__(self, jobs: Jobs, cluster: Cluster, job_id: str, grace: float = 3.0,
+                 ended_at: str | None = None):
         self.jobs, self.cluster, self.job_id, self.grace = jobs, cluster, job_id, grace
+        self.ended_at = ended_at  # a reconciled job: when its nodes ended, not now
         meta = jobs.metadata(job_id)
         self.nodes = [cluster.node(n) for n in meta["nodes"]]
         self.failure: Failure | None = None
         self.lock = threading.Lock()
+        self.changed = threading.Event()
+        self.codes: dict[str, str] = {}  # node -> exit code, `lost`, `hung` or `killed`
+        self.unstreamed: set[str] = set()  # nodes whose stream ended without an exit marker
+        self.heard: dict[str, float] = {}
+        self.frozen_since: dict[str, float] = {}
+        self.gaps: dict[str, str] = {}
+        self.every = max(0.2, min(2.0, cluster.lost_after / 4))
+        self.schedules = False  # the cluster's scheduler runs the job (set in `run`)
 
     def run(self) -> dict:
         logs_dir = self.jobs.dir(self.job_id) / "logs"
-        logs_dir.mkdir(exist_ok=True)
-        # A second backend for stops: the first one's connections are busy streaming.
+        with store.writing(logs_dir):
+            logs_dir.mkdir(exist_ok=True)
+        # A backend for stops apart from the streams: those connections are busy streaming.
         with closing(backend_for(self.cluster)) as streams, \
                 closing(backend_for(self.cluster)) as killer:
-            if streams.schedules and not self.nodes:
+            self.schedules = streams.schedules
+            if self.schedules and not self.nodes:
                 meta = self._wait_allocated(streams)
                 if not is_active(meta["status"]):
                     return meta
                 self.nodes = [self.cluster.node(n) for n in meta["nodes"]]
-            codes = fan_out(self.nodes, lambda n: self._watch(streams, killer, n, logs_dir))
-            if not streams.schedules:
+            self.heard = {n.name: time.monotonic() for n in self.nodes}
+            for node in self.nodes:
+                threading.Thread(target=self._watch, args=(streams, node, logs_dir),
+                                 daemon=True).start()
+                if not self.schedules:
+                    threading.Thread(target=self._ask, args=(node,), daemon=True).start()
+            self._wait(killer)
+            reachable = [n for n in self.nodes if self.codes[n.name] != "lost"]
+            if not self.schedules and reachable[:1] == self.nodes[:1]:
                 # Every node has ended: the rendezvous store beside the host's torchrun can go.
                 killer.stop(self.nodes[:1], self.job_id, self.grace)
-            self._fetch_outputs(streams)
-        nodes = {name: {"exit_code": exit_code_int(code),
-                        "status": NodeStatus.COMPLETED if code == "0" else NodeStatus.FAILED}
-                 for name, code in codes.items()}
-        if self.failure:
-            return self.jobs.finish(self.job_id, JobStatus.FAILED, failure=self.failure,
-                                    error=self.failure.summary, nodes=nodes)
-        if all(code == "0" for code in codes.values()):
-            return self.jobs.finish(self.job_id, JobStatus.COMPLETED, nodes=nodes)
-        # Only a cancel ends nodes non-zero without a recorded failure.
-        return self.jobs.finish(self.job_id, JobStatus.CANCELLED, nodes=nodes)
+            self._fetch_outputs(killer, reachable)
+            meta = self._retrying(lambda: self._final(killer, reachable))
+        lost = [n for n in self.nodes if self.codes[n.name] == "lost"]
+        if lost and not meta.get("cancel_requested_at"):
+            self._stop_when_back(lost)
+        return self.jobs.metadata(self.job_id)
 
+    # -- waiting for the scheduler ---------------------------------------------
     def _wait_allocated(self, backend: Backend, poll: float = 1.0) -> dict:
         """While the scheduler holds the job QUEUED, keep its state and reason in the record;
         once it starts, record the nodes it chose (in rank order)."""
         meta = self.jobs.metadata(self.job_id)
         slurm_id = meta["slurm"]["job_id"]
         said = (None, None)
-        while is_active(meta["status"]):
+        while meta["status"] == JobStatus.QUEUED:
             try:
                 job = backend.allocation(slurm_id)
             except UgroError:
@@ -91,60 +118,210 @@ class Supervisor:
                                         + (f" ({job.reason})" if job.reason else ""))
             if (job.state, job.reason) != said:
                 said = (job.state, job.reason)
-                meta = self.jobs.note_slurm(self.job_id, {"state": job.state,
-                                                          "reason": job.reason})
+                self.jobs.note_slurm(self.job_id, {"state": job.state, "reason": job.reason})
             time.sleep(poll)
             meta = self.jobs.metadata(self.job_id)
         return meta
 
-    def _watch(self, streams: Backend, killer: Backend, node: Node, logs_dir: Path) -> str:
-        """Stream one node's output home until it ends; its exit code (or why none)."""
+    # -- watching ------------------------------------------------------------
+    def _watch(self, streams: Backend, node: Node, logs_dir: Path) -> None:
+        """Stream one node's output home until its exit marker."""
         sink = NodeLog(logs_dir / f"{node.name}.log", node.name)
-        error = streams.stream(node, self.job_id, sink)
-        sink.close()
-        code = sink.exit or ("lost" if error else "unknown")
-        if code != "0":
-            self._failed(killer, node, code, sink, error)
-        return code
+        try:
+            error = streams.stream(node, self.job_id, sink)
+        finally:
+            sink.close()
+        if sink.gap:
+            self.gaps[node.name] = sink.gap
+        if sink.exit is None:
+            # No marker: the connection dropped. `_ask` learns the outcome from the node.
+            with self.lock:
+                self.unstreamed.add(node.name)
+            if self.schedules:
+                self._ask(node)  # no asker runs for a scheduler's node until now
+            return
+        self._ended(node, sink.exit, sink, error)
 
-    def _failed(self, killer: Backend, node: Node, code: str, sink: NodeLog, error: str | None):
+    def _ask(self, node: Node) -> None:
+        """Ask the node about the job's processes every few seconds; note when it answers."""
+        with closing(backend_for(self.cluster)) as backend:
+            while node.name not in self.codes:
+                state = backend.states([node], self.job_id)[node.name]
+                if state.reachable:
+                    self.heard[node.name] = time.monotonic()
+                    if state.stopped and state.alive:
+                        self.frozen_since.setdefault(node.name, time.monotonic())
+                    else:
+                        self.frozen_since.pop(node.name, None)
+                    if node.name in self.unstreamed and not state.alive:
+                        self._ended(node, state.exit_code or "killed", None, None)
+                self.changed.set()
+                time.sleep(self.every)
+
+    def _wait(self, killer: Backend) -> None:
+        """Until every node has an outcome; a silent or frozen node is given one here
+        (not a scheduler's node: the scheduler ends the job when one dies)."""
+        limit = self.cluster.lost_after
+        while len(self.codes) < len(self.nodes):
+            self.changed.wait(self.every)
+            self.changed.clear()
+            if self.schedules:
+                continue
+            t = time.monotonic()
+            for node in self.nodes:
+                if node.name in self.codes:
+                    continue
+                silent = t - self.heard[node.name]
+                frozen = t - self.frozen_since.get(node.name, t)
+                if silent > limit:
+                    self._ended(node, "lost", None,
+                                f"lost contact with {node.name} (no answer for {silent:.0f}s)",
+                                killer)
+                elif frozen > limit:
+                    self._ended(node, "hung", None,
+                                f"{node.name}: the job's processes are stopped (SIGSTOP) "
+                                f"for {frozen:.0f}s", killer)
+
+    def _ended(self, node: Node, code: str, sink: NodeLog | None, why: str | None,
+               killer: Backend | None = None) -> None:
         with self.lock:
-            # A node killed by a signal (143, 137) was most likely stopped because another
-            # failed (Slurm's --kill-on-bad-exit, or our own stop): a node that failed by
-            # itself takes the blame from it, whichever of the two was read first.
-            if self.failure is not None and (self.failure.exit_code not in KILLED
-                                             or exit_code_int(code) in KILLED):
+            if node.name in self.codes:
+                return
+            self.codes[node.name] = code
+        self.changed.set()
+        if code != "0":
+            self._failed(killer, node, code, sink, why)
+
+    def _failed(self, killer: Backend | None, node: Node, code: str, sink: NodeLog | None,
+                why: str | None):
+        with self.lock:
+            # A node killed by a signal was most likely stopped because another failed
+            # (Slurm's --kill-on-bad-exit, or our own stop): a node that failed by itself
+            # takes the blame from it, whichever of the two was read first.
+            if self.failure is not None and (self.codes[self.failure.node] not in KILLED
+                                             or code in KILLED):
                 return
             replacing = self.failure is not None
-            meta = self.jobs.metadata(self.job_id)
-            if meta.get("cancel_requested_at") or meta["status"] == JobStatus.CANCELLED:
+            if self._cancel_requested():
                 return
-            rank = f" rank {sink.failed_rank}" if sink.failed_rank is not None else ""
-            how = error or f"exit code {code}"
-            tail = sink.tail()
+            rank = sink.failed_rank if sink else None
+            where = f"{node.name} rank {rank}" if rank is not None else node.name
+            tail = sink.tail() if sink else []
             cause = first_error(tail)
             self.failure = Failure(
-                node=node.name, rank=sink.failed_rank, exit_code=exit_code_int(code), at=now(),
-                summary=f"{node.name}{rank} failed first ({how})" + (f": {cause}" if cause else ""),
+                node=node.name, rank=rank, exit_code=exit_code_int(code), at=now(),
+                summary=why or f"{where} failed first (exit code {code})"
+                + (f": {cause}" if cause else ""),
                 log_tail=tail,
             )
-        others = [n for n in self.nodes if n is not node]
-        if others and not replacing and not killer.schedules:  # Slurm stops the others itself
+        others = [n for n in self.nodes if n is not node and n.name not in self.codes]
+        if not others or replacing or self.schedules:  # the scheduler stops the others itself
+            return
+        if killer is not None:
             killer.stop(others, self.job_id, self.grace)
+            return
+        with closing(backend_for(self.cluster)) as backend:  # from a node's own thread
+            backend.stop(others, self.job_id, self.grace)
 
-    def _fetch_outputs(self, backend: Backend):
+    def _cancel_requested(self) -> bool:
+        try:
+            meta = self.jobs.metadata(self.job_id)
+        except UgroError:
+            return False
+        return bool(meta.get("cancel_requested_at")) or meta["status"] in (
+            JobStatus.CANCELLED, JobStatus.CANCELLING)
+
+    # -- the final record ----------------------------------------------------
+    def _final(self, killer: Backend, reachable: list[Node]) -> dict:
+        cancelled = self._cancel_requested()
+        nodes = {}
+        for node in self.nodes:
+            code = self.codes[node.name]
+            facts: dict = {"exit_code": exit_code_int(code)}
+            if code == "0":
+                facts["status"] = NodeStatus.COMPLETED
+            elif code == "lost":
+                facts["status"] = NodeStatus.CANCEL_PENDING if cancelled else NodeStatus.LOST
+            else:
+                facts["status"] = NodeStatus.CANCELLED if cancelled else NodeStatus.FAILED
+            if node.name in self.gaps:
+                facts["log_gap"] = self.gaps[node.name]
+            nodes[node.name] = facts
+        if cancelled:
+            # The cancel is over only when every node confirms; a lost one cannot yet.
+            self.jobs.note_nodes(self.job_id, nodes)
+            stops = killer.stop(reachable, self.job_id, self.grace) if reachable else {}
+            stops.update({n.name: "lost contact" for n in self.nodes if n not in reachable})
+            meta = self.jobs.metadata(self.job_id)
+            return self.jobs.cancel_outcome(self.job_id, stops,
+                                            meta.get("cancel_reason") or "cancelled")
+        if self.failure:
+            return self.jobs.finish(self.job_id, JobStatus.FAILED, failure=self.failure,
+                                    error=self.failure.summary, nodes=nodes,
+                                    ended_at=self.ended_at)
+        if all(code == "0" for code in self.codes.values()):
+            return self.jobs.finish(self.job_id, JobStatus.COMPLETED, nodes=nodes,
+                                    ended_at=self.ended_at)
+        # Non-zero without a recorded failure: a cancel that finished while we looked.
+        return self.jobs.finish(self.job_id, JobStatus.CANCELLED, nodes=nodes,
+                                ended_at=self.ended_at)
+
+    def _retrying(self, write):
+        """A record write, retried while the control node cannot write it (a full disk)."""
+        deadline = time.monotonic() + RECORD_RETRY
+        while True:
+            try:
+                return write()
+            except store.WriteError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                say(f"{exc}; retrying")
+                time.sleep(2)
+
+    def _stop_when_back(self, lost: list[Node]) -> None:
+        """Stop a lost node's processes once it answers again (the job has failed already)."""
+        deadline = time.monotonic() + LOST_RETRY
+        while lost and time.monotonic() < deadline:
+            with closing(backend_for(self.cluster)) as backend:
+                stops = backend.stop(lost, self.job_id, self.grace)
+            done = {name: {"status": NodeStatus.FAILED, "stop": "stopped"}
+                    for name, outcome in stops.items() if outcome == "stopped"}
+            if done:
+                self._retrying(lambda done=done: self.jobs.note_nodes(self.job_id, done))
+            lost = [n for n in lost if n.name not in done]
+            time.sleep(self.every)
+
+    def _fetch_outputs(self, backend: Backend, nodes: list[Node]):
         """Bring rank 0's metrics home, and note which node holds which checkpoints."""
-        listing = backend.listdir(self.nodes, commands.job_path(self.job_id, "checkpoints"))
-        self.jobs.note_nodes(self.job_id, {name: {"checkpoints": files}
-                                           for name, files in listing.items() if files is not None})
+        if not nodes:
+            return
+        listing = backend.listdir(nodes, commands.job_path(self.job_id, "checkpoints"))
+        self._retrying(lambda: self.jobs.note_nodes(
+            self.job_id, {name: {"checkpoints": files}
+                          for name, files in listing.items() if files is not None}))
         target = self.jobs.dir(self.job_id) / "metrics.jsonl"
         if target.exists() and target.stat().st_size:
             return  # a local rank 0 wrote it in place
-        found = backend.read(self.nodes, commands.job_path(self.job_id, "metrics.jsonl"))
+        found = backend.read(nodes, commands.job_path(self.job_id, "metrics.jsonl"))
         for fetched in found.values():
             if fetched.text and fetched.text.strip():
-                store.write_text(target, fetched.text)
+                try:
+                    store.write_text(target, fetched.text)
+                except store.WriteError as exc:
+                    say(str(exc))
                 return
+
+
+def say(text: str) -> None:
+    """A line for supervisor.log, which may sit on the very disk that is full."""
+    try:
+        print(f"ugro.supervise: {text}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,11 +334,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate_name(args.job_id)
         cluster = load_cluster(args.cluster)
-        meta = Supervisor(Jobs(args.data_dir), cluster, args.job_id, args.grace).run()
+        jobs = Jobs(args.data_dir)
+        meta = Supervisor(jobs, cluster, args.job_id, args.grace).run()
     except UgroError as exc:
-        print(f"ugro.supervise: {exc}", file=sys.stderr)
+        say(str(exc))
         return 1
-    print(f"{args.job_id}: {meta['status']}")
+    say(f"{args.job_id}: {meta['status']}")
+    # The job's nodes are free: the queue moves on, in this process (already detached, its
+    # record written, its imports paid for). Imported here, in the process's entry point,
+    # because the scheduler starts jobs through the launch path, which uses Supervisor.
+    from .schedule import PACKAGE_ROOT, queued, report, run_pass
+
+    if queued(jobs):
+        try:
+            for line in report(run_pass(jobs, cluster, PACKAGE_ROOT)):
+                say(f"queue: {line}")
+        except UgroError as exc:
+            say(f"queue pass: {exc}")
     return 0
 
 

@@ -29,7 +29,8 @@ STATE_MAX_AGE = 300.0  # seconds a saved health check still counts as recent for
 RECENT_JOBS = 5
 TAIL_LINES = 10  # of a failed node's log, on the results screen
 # LaunchConfig fields that say how to run a job, not what it computes.
-NOT_HYPERPARAMETERS = ("name", "detach", "grace")
+NOT_HYPERPARAMETERS = ("name", "detach", "grace", "queue", "num_nodes", "min_gpu_mem",
+                       "priority", "after")
 LABELS = {"duration_s": "duration", "final_loss": "final loss", "best_loss": "best loss",
           "samples_per_sec": "samples/s", "world_size": "world size"}
 
@@ -244,6 +245,36 @@ def filter_rows(rows: list[dict], status: str | None) -> list[dict]:
     return [r for r in rows if r["status"] == wanted]
 
 
+def queue(metas: list[dict], now: datetime) -> list[dict]:
+    """`inv queue`: the queued jobs in the order they will start, each with why it waits."""
+    rows = [m for m in metas if m.get("status") == JobStatus.QUEUED and isinstance(
+        m.get("queue"), dict)]
+    rows.sort(key=lambda m: (-m["queue"].get("priority", 0), m["queue"].get("queued_at", ""),
+                             m["job_id"]))
+    out = []
+    for position, m in enumerate(rows, 1):
+        q = m["queue"]
+        queued_at = _when(q.get("queued_at"))
+        out.append({
+            "position": position, "job_id": m["job_id"], "name": m.get("name"),
+            "priority": q.get("priority", 0), "request": q.get("request_text"),
+            "after": q.get("after") or [],
+            "waiting_s": round((now - queued_at).total_seconds(), 1) if queued_at else None,
+            "reason": q.get("reason"), "since": q.get("since"),
+        })
+    return out
+
+
+def queue_text(rows: list[dict]) -> str:
+    if not rows:
+        return "the queue is empty"
+    table = [[r["position"], r["job_id"], r["priority"], r["request"], _duration(r["waiting_s"]),
+              f"{r['reason']} (since {_clock(r['since'])})" if r["since"] else r["reason"]]
+             for r in rows]
+    return tabulate(table, headers=["#", "job", "priority", "request", "waiting", "why"],
+                    tablefmt="simple", disable_numparse=True)
+
+
 def progress(rec: JobRecord, now: datetime) -> dict:
     """Where a running job is, from its latest metrics."""
     m = summarize(rec.points)
@@ -276,7 +307,8 @@ def state_is_recent(state: dict, cluster: str, now: datetime,
 
 
 def status(state: dict, running: list[JobRecord], history: list[dict], now: datetime,
-           refreshed: bool = False, notes: list[str] | None = None) -> dict:
+           refreshed: bool = False, notes: list[str] | None = None,
+           queued: list[dict] | None = None) -> dict:
     """The whole cluster at a glance, for `inv status`."""
     nodes = state.get("nodes") if isinstance(state.get("nodes"), list) else []
     return {
@@ -289,6 +321,7 @@ def status(state: dict, running: list[JobRecord], history: list[dict], now: date
         },
         "nodes": [_node_row(n) for n in nodes if isinstance(n, dict)],
         "running": [progress(r, now) for r in running],
+        "queued": queued or [],
         "recent": [{**e, "duration_s": duration(e, now)} for e in history[:RECENT_JOBS]],
         "notes": notes or [],
     }
@@ -469,6 +502,8 @@ def status_text(view: dict) -> str:
             tablefmt="simple", disable_numparse=True))
     else:
         out.append("none")
+    if view.get("queued"):
+        out += ["\nQueued jobs", queue_text(view["queued"])]
     out.append("\nRecent jobs")
     if view["recent"]:
         out.append(tabulate(
@@ -521,6 +556,11 @@ def _when(text) -> datetime | None:
 def _local(text) -> str:
     when = _when(text)
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S") if when else "-"
+
+
+def _clock(text) -> str:
+    when = _when(text)
+    return when.astimezone().strftime("%H:%M") if when else "-"
 
 
 def _duration(seconds: float | None) -> str:

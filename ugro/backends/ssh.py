@@ -20,7 +20,7 @@ from . import Fetched, Sink
 if TYPE_CHECKING:
     from ..plan import NodePlan
 
-STATE_RE = re.compile(r"pgid=(\d*) exit=(\S*) alive=([01])")
+STATE_RE = re.compile(r"pgid=(\d*) exit=(\S*) alive=([01]) ended=(\d*) stopped=(\d+)")
 
 
 class SSHBackend:
@@ -29,6 +29,9 @@ class SSHBackend:
     def __init__(self, cluster: Cluster, session: Session | None = None):
         self.cluster = cluster
         self.session = session or Session(cluster)
+        # For the quick questions (state, ranks, small files): a hung node answers "no answer"
+        # in this time instead of holding up the caller.
+        self.quick = cluster.health_timeout + 10
 
     def command_line(self, job_id: str, plan: NodePlan) -> str:
         return commands.start_job(plan.node, job_id, plan.argv, plan.env, plan.store)
@@ -50,11 +53,15 @@ class SSHBackend:
 
     def states(self, nodes: list[Node], job_id: str) -> dict[str, NodeState]:
         out = {}
-        for name, a in self.session.run_all(nodes, lambda n: commands.job_state(n, job_id)).items():
+        answers = self.session.run_all(nodes, lambda n: commands.job_state(n, job_id),
+                                       timeout=self.quick)
+        for name, a in answers.items():
             m = STATE_RE.search(a.stdout) if a.error is None else None
             if m:
                 out[name] = NodeState(pgid=int(m.group(1)) if m.group(1) else None,
-                                      exit_code=m.group(2) or None, alive=m.group(3) == "1")
+                                      exit_code=m.group(2) or None, alive=m.group(3) == "1",
+                                      ended_at=float(m.group(4)) if m.group(4) else None,
+                                      stopped=int(m.group(5)))
             else:
                 out[name] = NodeState(error=a.error or a.stderr.strip() or "no answer")
         return out
@@ -62,7 +69,7 @@ class SSHBackend:
     def ranks_running(self, nodes: list[Node], job_id: str) -> dict[str, int | str | None]:
         out: dict[str, int | str | None] = {}
         for name, a in self.session.run_all(
-                nodes, lambda n: commands.ranks_started(n, job_id)).items():
+                nodes, lambda n: commands.ranks_started(n, job_id), timeout=self.quick).items():
             text = a.stdout.strip()
             out[name] = "ended" if text == "ended" else int(text) if text.isdigit() else None
         return out
@@ -86,7 +93,8 @@ class SSHBackend:
                 for name, a in answers.items()}
 
     def listdir(self, nodes: list[Node], path: str) -> dict[str, list[str] | None]:
-        answers = self.session.run_all(nodes, lambda n: commands.list_files(n, path))
+        answers = self.session.run_all(nodes, lambda n: commands.list_files(n, path),
+                                       timeout=self.quick)
         return {name: a.stdout.split() if a.ok else None for name, a in answers.items()}
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from .. import commands
 from .. import health as health_mod
 from ..cluster import Session
 from ..cluster import trust_hosts as pin_host_keys
-from .common import cli, cluster_of, print_json, project_path, target_nodes
+from .common import cli, cluster_of, positive, print_json, project_path, target_nodes
 
 
 @task(
@@ -23,11 +23,10 @@ from .common import cli, cluster_of, print_json, project_path, target_nodes
 @cli
 def health(c, nodes=None, json=False, deep=False, timeout=None):
     """Check every node in parallel: reachable, GPUs, Python, torch/CUDA, disk."""
+    timeout = positive("timeout", timeout)
     cluster = cluster_of(c)
     targets = target_nodes(c, cluster, nodes)
-    reports = health_mod.check(
-        cluster, targets, deep=deep, timeout=float(timeout) if timeout else None
-    )
+    reports = health_mod.check(cluster, targets, deep=deep, timeout=timeout)
     drift = health_mod.drift(reports)
     health_mod.save(project_path(c, "data_dir"), project_path(c, "log_dir"), cluster, reports)
     if json:

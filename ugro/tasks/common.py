@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -52,8 +53,26 @@ def cli(fn):
             return fn(*args, **kwargs)
         except UgroError as exc:
             raise Exit(f"ugro: {exc}", code=exc.exit_code) from None
+        except OSError as exc:
+            # The control node's own files (a full disk, a read-only or foreign directory):
+            # store.py names most; this catches the rest, still as one line with the path.
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise Exit(f"ugro: {where}{exc.strerror or exc}", code=1) from None
 
     return wrapper
+
+
+def positive(option: str, value, default: float | None = None) -> float | None:
+    """A command-line number that must be finite and > 0 (seconds, a learning rate)."""
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UgroError(f"--{option}: not a number: {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise UgroError(f"--{option}: must be a finite number > 0, got {value!r}")
+    return number
 
 
 def setting(c: Context, key: str) -> str:

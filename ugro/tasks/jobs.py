@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import yaml
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from .. import lifecycle
+from .. import lifecycle, schedule, views
 from ..cluster import Session
 from ..errors import UgroError
-from ..jobs import Jobs
+from ..jobs import Jobs, job_name
 from ..plan import LaunchConfig
 from ..state import JobStatus, is_active
-from .common import ROOT, cli, cluster_of, project_path
+from .common import ROOT, cli, cluster_of, positive, print_json, project_path
 
 
 def jobs_of(c) -> Jobs:
     return Jobs(project_path(c, "data_dir"))
+
+
+def note(line: str) -> None:
+    print(f"ugro: note: {line}", file=sys.stderr)
 
 
 def launch_defaults(c) -> tuple[dict, dict]:
@@ -61,19 +66,36 @@ def launch_defaults(c) -> tuple[dict, dict]:
         "script_args": "extra arguments for the script, as one quoted string",
         "sync": "run `inv sync` to every node first (default: launch.sync in "
                 "config/training_defaults.yaml, off)",
+        "queue": "start now if the nodes are free, else wait in the queue (see inv queue)",
+        "num_nodes": "with --queue: any K healthy nodes instead of every node",
+        "min_gpu_mem": "with --queue: only nodes whose GPUs have this much memory (10G, 9500M)",
+        "priority": "with --queue: higher starts first (default 0)",
+        "after": "with --queue: start only once these jobs COMPLETED (exp1,exp2); "
+                 "if one fails or is cancelled, this one is cancelled",
     }
 )
 @cli
 def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_size=None,
            script=None, nodes=None, nproc_per_node=None, detach=False, resume=False,
-           script_args=None, sync=False):
-    """Run a distributed torchrun training job on the cluster's nodes."""
+           script_args=None, sync=False, queue=False, num_nodes=None, min_gpu_mem=None,
+           priority=None, after=None):
+    """Run a distributed torchrun training job on the cluster's nodes (or queue it)."""
+    positive("lr", lr)
     defaults, scripts = launch_defaults(c)
     cfg = LaunchConfig.from_options(
         defaults, scripts, name=name, epochs=epochs, lr=lr, model=model, dataset=dataset,
         batch_size=batch_size, script=script, nodes=nodes, nproc_per_node=nproc_per_node,
         detach=detach, resume=resume, script_args=script_args,
     )
+    asked = [f"--{k.replace('_', '-')}" for k, v in (
+        ("num_nodes", num_nodes), ("min_gpu_mem", min_gpu_mem), ("priority", priority),
+        ("after", after)) if v is not None]
+    if asked and not queue:
+        raise UgroError(f"{', '.join(asked)}: only for queued jobs; add --queue")
+    if queue:
+        cfg = replace(cfg, queue=True, num_nodes=whole("num-nodes", num_nodes),
+                      min_gpu_mem=min_gpu_mem, priority=whole("priority", priority) or 0,
+                      after=tuple(a.strip() for a in (after or "").split(",") if a.strip()))
     cluster = cluster_of(c)
     jobs = jobs_of(c)
     if sync or defaults.get("sync", False):
@@ -85,8 +107,23 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
             raise UgroError("sync before launch failed: " + "; ".join(
                 f"{r.node}: {r.error}" for r in failed))
         print(sync_mod.sync_table(results), flush=True)
-    job_id = lifecycle.launch(jobs, cluster, cfg, ROOT,
-                              warn=lambda line: print(f"ugro: note: {line}", file=sys.stderr))
+    if queue and cluster.slurm is not None:
+        raise UgroError(f"--queue: Slurm queues every job itself (slurm: in {cluster.source}); "
+                        "launch without --queue")
+    if queue:
+        job_id = schedule.enqueue(jobs, cluster, cfg, ROOT)
+        schedule.run_pass(jobs, cluster, ROOT)
+        meta = jobs.metadata(job_id)
+        if meta["status"] == JobStatus.QUEUED:
+            row = next(r for r in views.queue([jobs.metadata(j) for j in jobs.active()],
+                                              views.utcnow()) if r["job_id"] == job_id)
+            print(f"job {job_id}: queued at position {row['position']} ({row['reason']}); "
+                  f"see: inv queue")
+            return
+        if not is_active(meta["status"]):
+            raise UgroError(f"job {job_id}: {meta['status']}: {meta.get('error')}")
+    else:
+        job_id = lifecycle.launch(jobs, cluster, cfg, ROOT, warn=note)
     meta = jobs.metadata(job_id)
     if meta.get("slurm"):
         s = meta["slurm"]
@@ -104,6 +141,12 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
     if detach:
         started = lifecycle.wait_for_ranks(jobs, cluster, job_id)
         print("started: " + ", ".join(f"{n} {s}" for n, s in started.items()))
+        meta = jobs.metadata(job_id)
+        if meta["status"] == JobStatus.COMPLETED:
+            print(f"job {job_id}: COMPLETED already")
+            return
+        if not is_active(meta["status"]):
+            raise Exit(f"ugro: job {job_id}: {meta['status']}: {meta.get('error')}", code=1)
         print(f"detached; follow with: inv logs {cfg.name} --follow; "
               f"stop with: inv cancel {cfg.name}")
         return
@@ -123,40 +166,50 @@ def attached(jobs: Jobs, cluster, job_id: str) -> None:
 @task(help={"name": "job name (the latest with that name) or job id",
             "grace": "seconds between SIGTERM and SIGKILL (default 3)"})
 @cli
-def cancel(c, name, grace=3.0):
+def cancel(c, name, grace=None):
     """Cancel a job: stop exactly its processes on every node."""
+    grace = positive("grace", grace, 3.0)
     jobs = jobs_of(c)
     job_id = jobs.find(name)
+    cluster = cluster_of(c)
     before = jobs.metadata(job_id).get("status")
-    meta = lifecycle.cancel(jobs, cluster_of(c), job_id, float(grace))
+    meta = schedule.cancel(jobs, cluster, job_id, grace)
     if not is_active(before):
         print(f"job {job_id} already ended: {before}")
         return
+    schedule.kick(jobs, cluster)
     for node, facts in meta["nodes"].items():
         print(f"  {node}: {facts.get('stop', '-')}")
     print(f"job {job_id}: {meta['status']}")
-    if any(f.get("stop") not in ("stopped", None) for f in meta["nodes"].values()):
-        raise Exit("some nodes did not confirm the stop", code=1)
+    if meta["status"] != JobStatus.CANCELLED:
+        raise Exit(f"{meta.get('error')}; its nodes stay held: inv cancel {job_name(job_id)} "
+                   "(or inv status) tries again", code=1)
 
 
 @task(help={"grace": "seconds between SIGTERM and SIGKILL (default 3)"})
 @cli
-def reset(c, grace=3.0):
+def reset(c, grace=None):
     """Emergency stop: end every UGRO-started job on every node, mark them CANCELLED."""
     from .. import commands
 
+    grace = positive("grace", grace, 3.0)
     cluster = cluster_of(c)
     jobs = jobs_of(c)
     for job_id in jobs.active():
-        lifecycle.cancel(jobs, cluster, job_id, float(grace), reason="inv reset")
-        print(f"{job_id}: CANCELLED")
+        try:
+            meta = schedule.cancel(jobs, cluster, job_id, grace, reason="inv reset")
+        except UgroError as exc:  # a damaged record: the sweep below still stops its processes
+            print(f"{job_id}: {exc}")
+            continue
+        print(f"{job_id}: {meta['status']}" + (f" ({meta['error']})"
+                                               if meta["status"] != JobStatus.CANCELLED else ""))
     if cluster.slurm is not None:
         print("reset: every UGRO job on this Slurm cluster is cancelled (scancel)")
         return
     with Session(cluster) as session:
         answers = session.run_all(cluster.nodes,
-                                  lambda n: commands.kill_all_jobs(n, float(grace)),
-                                  timeout=float(grace) + 60)
+                                  lambda n: commands.kill_all_jobs(n, grace),
+                                  timeout=grace + 60)
     failed = False
     for name, a in answers.items():
         if a.error:
@@ -171,4 +224,34 @@ def reset(c, grace=3.0):
     print("reset: no UGRO job is running on any node")
 
 
-ns = Collection(launch, cancel, reset)
+def whole(option: str, value) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UgroError(f"--{option}: expected a whole number, got {value!r}") from None
+
+
+@task(name="queue", help={
+    "json": "print the queue as JSON",
+    "run": "stay in the foreground and run a scheduling pass now and every --every seconds",
+    "every": "seconds between passes with --run (default 15)",
+})
+@cli
+def show_queue(c, json=False, run=False, every=15.0):
+    """Show the queued jobs in the order they will start, and why each waits."""
+    jobs = jobs_of(c)
+    if run:
+        try:
+            schedule.watch(jobs, cluster_of(c), ROOT, float(every))
+        except KeyboardInterrupt:
+            return
+    rows = views.queue([jobs.metadata(j) for j in jobs.active()], views.utcnow())
+    if json:
+        print_json(rows)
+    else:
+        print(views.queue_text(rows))
+
+
+ns = Collection(launch, cancel, reset, show_queue)

@@ -6,12 +6,12 @@ import sys
 
 from invoke import Collection, task
 
-from .. import commands, health, lifecycle, views
+from .. import commands, health, lifecycle, schedule, views
 from .. import logs as logs_mod
 from ..cluster import Session
 from ..errors import UgroError
 from ..jobs import Jobs, job_name
-from ..state import is_active
+from ..state import JobStatus, is_active, watched
 from .common import (
     cli,
     cluster_of,
@@ -56,17 +56,21 @@ def show(view, text, as_json: bool, notes: list[str]) -> None:
 
 def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
     """`lifecycle.reconcile` each active job among these (one whose supervisor died is brought in
-    line with its nodes); returns a note for each that could not be."""
+    line with its nodes); returns a note for each that could not be. A job that ended so frees
+    its nodes: a scheduling pass starts in the background."""
     notes = []
+    freed = False
     for job_id in job_ids:
-        meta, _ = views.read_object(jobs.dir(job_id) / "metadata.json")
-        if not is_active(meta.get("status")):
+        meta, damaged = views.read_object(jobs.dir(job_id) / "metadata.json")
+        if damaged or not watched(meta):
             continue
         try:
             cluster = cluster or cluster_of(c)
-            lifecycle.reconcile(jobs, cluster, job_id)
+            freed |= not is_active(lifecycle.reconcile(jobs, cluster, job_id).get("status"))
         except UgroError as exc:
             notes.append(f"{job_id}: not reconciled: {exc}")
+    if freed:
+        schedule.kick(jobs, cluster)
     return notes
 
 
@@ -170,7 +174,8 @@ def results(c, job, json=False):
 
 @task(name="jobs", help={
     "name": "only jobs with this name",
-    "status": "only jobs with this status (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)",
+    "status": "only jobs with this status (QUEUED, PENDING, RUNNING, COMPLETED, FAILED, "
+              "CANCELLED)",
     "json": "print the list as JSON",
 })
 @cli
@@ -232,8 +237,16 @@ def status(c, refresh=False, json=False):
         history, damaged = [], None
     if damaged:
         notes.append(damaged)
-    running = [views.load(jobs, j) for j in jobs.active()]
-    view = views.status(state, running, history, views.utcnow(), fresh, notes)
+    active = [views.load(jobs, j) for j in jobs.active()]
+    running = [r for r in active if r.damaged or watched(r.meta)]
+    for rec in running:
+        if rec.damaged:
+            notes.append(f"{rec.job_id}: holds its nodes until its record is fixed or removed "
+                         f"({'; '.join(rec.damaged)})")
+        elif rec.status == JobStatus.CANCELLING or not is_active(rec.status):
+            notes.append(f"{rec.job_id}: {lifecycle.held_as(rec.meta)}: {rec.meta.get('error')}")
+    queued = views.queue([r.meta for r in active if not r.damaged], views.utcnow())
+    view = views.status(state, running, history, views.utcnow(), fresh, notes, queued)
     show(view, views.status_text, json, [])  # status shows its notes itself
 
 
