@@ -129,7 +129,9 @@ def test_failing_rank_ends_failed_naming_node_and_rank(run):
     assert "crash-at-step: rank 1" in log.read_text()
     assert f"{failure['node']} rank 1 failed first" in meta["error"]
     other = next(n for n in meta["nodes"] if n != failure["node"])
-    assert meta["nodes"][other]["exit_code"] in (143, 137)  # srun stopped it
+    # srun stopped it: 143 or 137, or 1 when the SIGTERM found torchrun in its monitor loop
+    # (it raises SignalException and exits 1; both seen on this 2-core machine).
+    assert meta["nodes"][other]["exit_code"] in (1, 143, 137)
     assert "rank 1" in run("results", "crash", check=0).stdout
 
 
