@@ -201,7 +201,7 @@ ERRORS = [
     ("master: {name: m, local: true, train: false}\n",
      "c.yaml: workers: no training nodes (add workers or set master.train: true)"),
     (MINIMAL + "bogus: 1\n",
-     "c.yaml: bogus: unknown field (allowed: cluster, master, sync, training, workers)"),
+     "c.yaml: bogus: unknown field (allowed: backend, cluster, master, sync, training, workers)"),
     (MINIMAL + "cluster: {name: x, colour: red}\n",
      "c.yaml: cluster.colour: unknown field (allowed: health_timeout, known_hosts, lost_after,"
      " master_port, name, port_policy, rdzv_backend)"),

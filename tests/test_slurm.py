@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ugro import slurm
+from ugro import slurm, slurm_parse
 from ugro.errors import UgroError
 
 
@@ -112,23 +112,23 @@ def test_command_lines():
     ("CANCELLED", "CANCELLED"), ("CANCELLED by 1000", "CANCELLED"), ("CANCELLED+", "CANCELLED"),
 ])
 def test_states_map_to_ugro_statuses(state, status):
-    assert slurm.status(state) == status
+    assert slurm_parse.status(state) == status
 
 
 @pytest.mark.parametrize("state", ["", "running", "DONE", "<html>"])
 def test_unknown_states_are_errors(state):
     with pytest.raises(UgroError, match="unknown Slurm job state"):
-        slurm.status(state)
+        slurm_parse.status(state)
 
 
 def test_parse_submit():
-    assert slurm.parse_submit("4242\n") == "4242"
-    assert slurm.parse_submit("4242;cluster2\n") == "4242"
+    assert slurm_parse.parse_submit("4242\n") == "4242"
+    assert slurm_parse.parse_submit("4242;cluster2\n") == "4242"
     with pytest.raises(UgroError, match="sbatch: expected a job id"):
-        slurm.parse_submit("sbatch: error: Batch job submission failed: "
+        slurm_parse.parse_submit("sbatch: error: Batch job submission failed: "
                            "Invalid partition name specified\n")
     with pytest.raises(UgroError):
-        slurm.parse_submit("")
+        slurm_parse.parse_submit("")
 
 
 SQUEUE = """\
@@ -140,14 +140,14 @@ SQUEUE = """\
 
 
 def test_parse_squeue():
-    jobs = slurm.parse_squeue(SQUEUE)
+    jobs = slurm_parse.parse_squeue(SQUEUE)
     assert [(j.slurm_id, j.state, j.status, j.reason, j.nodelist) for j in jobs] == [
         ("6", "PENDING", "QUEUED", "Resources", None),
         ("5", "RUNNING", "RUNNING", None, "n[1-2]"),
         ("4301", "PENDING", "QUEUED", "ReqNodeNotAvail, UnavailableNodes:gpu[03-04]", None),
         ("4302", "COMPLETED", "COMPLETED", None, "gpu[01-02]"),
     ]
-    assert slurm.parse_squeue("") == []
+    assert slurm_parse.parse_squeue("") == []
 
 
 @pytest.mark.parametrize("text, message", [
@@ -158,7 +158,7 @@ def test_parse_squeue():
 ])
 def test_parse_squeue_garbage(text, message):
     with pytest.raises(UgroError, match=message):
-        slurm.parse_squeue(text)
+        slurm_parse.parse_squeue(text)
 
 
 SACCT = """\
@@ -172,7 +172,7 @@ SACCT = """\
 
 
 def test_parse_sacct():
-    rows = slurm.parse_sacct(SACCT)
+    rows = slurm_parse.parse_sacct(SACCT)
     assert [(r.slurm_id, r.status, r.exit_code, r.signal, r.nodelist, r.is_step)
             for r in rows] == [
         ("4242", "FAILED", 3, 0, "gpu[01-02]", False),
@@ -190,7 +190,7 @@ def test_parse_sacct():
 ])
 def test_parse_sacct_garbage(text, message):
     with pytest.raises(UgroError, match=message):
-        slurm.parse_sacct(text)
+        slurm_parse.parse_sacct(text)
 
 
 # From the lab: `scontrol show job -o 6` while it waited, and the indented form.
@@ -222,17 +222,17 @@ JobId=8 JobName=other
 
 
 def test_parse_show_job():
-    [pending] = slurm.parse_show_job(SHOW_PENDING)
+    [pending] = slurm_parse.parse_show_job(SHOW_PENDING)
     assert (pending.slurm_id, pending.status, pending.reason, pending.nodelist) == (
         "6", "QUEUED", "Resources", None)
-    failed, cancelled = slurm.parse_show_job(SHOW_DONE)
+    failed, cancelled = slurm_parse.parse_show_job(SHOW_DONE)
     assert (failed.status, failed.exit_code, failed.signal, failed.nodelist) == (
         "FAILED", 3, 0, "n[1-2]")
     assert (cancelled.status, cancelled.signal) == ("CANCELLED", 15)
-    records = slurm.parse_scontrol(SHOW_DONE)
+    records = slurm_parse.parse_scontrol(SHOW_DONE)
     assert records[0]["WorkDir"] == "/tmp/my job"
     assert records[0]["Command"] == "/tmp/my job/batch.sh"
-    assert slurm.parse_show_job("") == []
+    assert slurm_parse.parse_show_job("") == []
 
 
 def test_parse_scontrol_node_keeps_values_with_spaces():
@@ -240,7 +240,7 @@ def test_parse_scontrol_node_keeps_values_with_spaces():
             "NodeHostName=localhost Version=22.05.8 OS=Linux 6.1.0-18-amd64 #1 SMP "
             "PREEMPT_DYNAMIC Debian 6.1.76-1 (2024-02-01)  RealMemory=500 State=DOWN+DRAIN "
             "Reason=Not responding [slurm@2026-12-04T04:25:09]\n")
-    [node] = slurm.parse_scontrol(text)
+    [node] = slurm_parse.parse_scontrol(text)
     assert node["OS"] == "Linux 6.1.0-18-amd64 #1 SMP PREEMPT_DYNAMIC Debian 6.1.76-1 (2024-02-01)"
     assert node["Reason"] == "Not responding [slurm@2026-12-04T04:25:09]"
     assert node["NodeAddr"] == "127.0.0.1"
@@ -254,7 +254,7 @@ def test_parse_scontrol_node_keeps_values_with_spaces():
 ])
 def test_parse_show_job_garbage(text, message):
     with pytest.raises(UgroError, match=message):
-        slurm.parse_show_job(text)
+        slurm_parse.parse_show_job(text)
 
 
 SINFO = """\
@@ -268,7 +268,7 @@ gpu05|gpu|idle~|64|515000|gpu:a100:4|none
 
 
 def test_parse_sinfo():
-    nodes = slurm.parse_sinfo(SINFO)
+    nodes = slurm_parse.parse_sinfo(SINFO)
     assert [(n.name, n.partition, n.state, n.usable) for n in nodes] == [
         ("n1", "debug", "idle", True),
         ("gpu01", "gpu", "mixed", True),
@@ -289,4 +289,4 @@ def test_parse_sinfo():
 ])
 def test_parse_sinfo_garbage(text, message):
     with pytest.raises(UgroError, match=message):
-        slurm.parse_sinfo(text)
+        slurm_parse.parse_sinfo(text)

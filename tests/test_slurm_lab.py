@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ugro import slurm
+from ugro import slurm, slurm_parse
 
 pytest_plugins = ["slurm_fixtures"]  # the slurm_lab fixture, kept out of conftest.py
 pytestmark = pytest.mark.lab
@@ -60,11 +60,11 @@ dist.destroy_process_group()
 def submit(lab, job: slurm.BatchJob) -> str:
     Path(job.job_dir).mkdir(parents=True, exist_ok=True)
     (Path(job.job_dir) / slurm.BATCH_FILE).write_text(slurm.batch_script(job))
-    return slurm.parse_submit(lab.sh(slurm.submit(job.job_dir)).stdout)
+    return slurm_parse.parse_submit(lab.sh(slurm.submit(job.job_dir)).stdout)
 
 
-def show(lab, slurm_id: str) -> slurm.SlurmJob:
-    [job] = slurm.parse_show_job(lab.sh(slurm.show_job(slurm_id)).stdout)
+def show(lab, slurm_id: str) -> slurm_parse.SlurmJob:
+    [job] = slurm_parse.parse_show_job(lab.sh(slurm.show_job(slurm_id)).stdout)
     return job
 
 
@@ -86,7 +86,7 @@ def stub_python(tmp_path):
 def test_srun_reaches_both_nodes(slurm_lab):
     out = slurm_lab.run("srun", "-N2", "-l", "printenv", "SLURMD_NODENAME").stdout
     assert sorted(out.split("\n")[:2]) == ["0: n1", "1: n2"]
-    nodes = slurm.parse_sinfo(slurm_lab.sh(slurm.sinfo("debug")).stdout)
+    nodes = slurm_parse.parse_sinfo(slurm_lab.sh(slurm.sinfo("debug")).stdout)
     assert [(n.name, n.partition, n.usable) for n in nodes] == [
         ("n1", "debug", True), ("n2", "debug", True)]
 
@@ -97,7 +97,7 @@ def test_sbatch_two_nodes_with_output_per_node(slurm_lab, tmp_path):
         "#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n"
         f"srun --output={tmp_path}/out-%t.txt bash -c 'echo $SLURMD_NODENAME $SLURM_NODEID'\n"
     )
-    job_id = slurm.parse_submit(slurm_lab.run("sbatch", "--parsable", str(script),
+    job_id = slurm_parse.parse_submit(slurm_lab.run("sbatch", "--parsable", str(script),
                                               cwd=tmp_path).stdout)
     assert slurm_lab.wait(job_id) == "COMPLETED"
     # %t, the task: %N is the host's name, and both lab nodes are this host.
@@ -107,7 +107,7 @@ def test_sbatch_two_nodes_with_output_per_node(slurm_lab, tmp_path):
 
 def test_pending_job_shows_its_reason_and_scancel_ends_it(slurm_lab, tmp_path):
     def sbatch(nodes: int) -> str:
-        return slurm.parse_submit(slurm_lab.run(
+        return slurm_parse.parse_submit(slurm_lab.run(
             "sbatch", "--parsable", f"--nodes={nodes}", "--output=/dev/null",
             "--wrap", "sleep 300", cwd=tmp_path).stdout)
 
@@ -116,7 +116,7 @@ def test_pending_job_shows_its_reason_and_scancel_ends_it(slurm_lab, tmp_path):
     waiter = sbatch(1)
     deadline = time.monotonic() + 20
     while True:
-        jobs = {j.slurm_id: j for j in slurm.parse_squeue(
+        jobs = {j.slurm_id: j for j in slurm_parse.parse_squeue(
             slurm_lab.sh(slurm.squeue([holder, waiter])).stdout)}
         if jobs[waiter].reason not in (None, "None") or time.monotonic() > deadline:
             break
@@ -124,7 +124,7 @@ def test_pending_job_shows_its_reason_and_scancel_ends_it(slurm_lab, tmp_path):
     assert (jobs[holder].status, jobs[holder].nodelist) == ("RUNNING", "n[1-2]")
     assert (jobs[waiter].state, jobs[waiter].status, jobs[waiter].reason) == (
         "PENDING", "QUEUED", "Resources")
-    nodes = slurm.parse_sinfo(slurm_lab.sh(slurm.sinfo()).stdout)
+    nodes = slurm_parse.parse_sinfo(slurm_lab.sh(slurm.sinfo()).stdout)
     assert {n.state for n in nodes} == {"allocated"}
 
     slurm_lab.sh(slurm.cancel(waiter))

@@ -22,6 +22,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]*$")
 STRATEGIES = ("pixi", "venv", "system")
+SLURM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")  # partition, account, qos
+SLURM_TIME_RE = re.compile(
+    r"^(?:\d+(?::\d{1,2}){0,2}|\d+-\d{1,2}(?::\d{1,2}){0,2}|UNLIMITED|INFINITE)$"
+)
 
 
 class ConfigError(UgroError):
@@ -73,6 +77,36 @@ class Node:
 
 
 @dataclass(frozen=True)
+class SlurmSettings:
+    """A Slurm cluster's `slurm:` section: what every job asks of Slurm, and how it runs."""
+
+    shared_dir: str  # absolute, seen by the login node and every compute node: job dirs
+    project_path: str  # where torchrun starts on the compute nodes (the code, shared)
+    nodes: int = 1  # per job
+    gpus_per_node: int = 0  # asked for as gres gpu:N, and one rank each
+    cpu_procs: int = 1  # ranks per node when there are no GPUs
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_limit: str | None = None
+    setup: tuple[str, ...] = ()  # shell lines before srun (`module load ...`)
+    python: PythonEnv = field(default_factory=PythonEnv)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def procs(self) -> int:
+        return self.gpus_per_node or self.cpu_procs
+
+    def node(self, name: str) -> Node:
+        """A compute node of an allocation, as Slurm names it."""
+        if not NAME_RE.match(name):
+            raise UgroError(f"not a Slurm node name: {name!r}")
+        return Node(name=name, host=name, user="", project_path=self.project_path,
+                    python=self.python, gpus=self.gpus_per_node, cpu_procs=self.cpu_procs,
+                    env=self.env)
+
+
+@dataclass(frozen=True)
 class Cluster:
     name: str
     source: Path
@@ -85,8 +119,13 @@ class Cluster:
     port_policy: str = "next-free"  # or "refuse": what a busy master port does
     lost_after: float = 30.0  # seconds a node may stay silent before its job fails as lost
     sync_paths: tuple[str, ...] = ()
+    # With Slurm, `master` (the only node) is the login node that runs Slurm's commands;
+    # the compute nodes are Slurm's to choose, named per job.
+    slurm: SlurmSettings | None = None
 
     def node(self, name: str) -> Node:
+        if self.slurm is not None:
+            return self.slurm.node(name)
         for n in self.nodes:
             if n.name == name:
                 return n
@@ -255,8 +294,13 @@ def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> 
     if data is None:
         raise ConfigError(f"{source}: empty file")
     top = _Fields(source, "", data)
+    kind = top.string("backend", "ssh")
+    if kind not in ("ssh", "slurm"):
+        top.fail("backend", "must be ssh or slurm")
+    if kind == "slurm":
+        return _slurm_cluster(top, project_root)
     # `training:` belongs to the training scripts (train_production.py --config FILE).
-    top.unknown({"cluster", "master", "workers", "training", "sync"})
+    top.unknown({"backend", "cluster", "master", "workers", "training", "sync"})
     top.get("training", dict, {})
     settings = _Fields(source, "cluster", data.get("cluster") or {})
     settings.unknown({
@@ -321,6 +365,70 @@ def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> 
         lost_after=lost_after,
         sync_paths=tuple(str(p) for p in extra_paths),
     )
+
+
+SLURM_FIELDS = {
+    "login", "shared_dir", "project_path", "nodes", "gpus_per_node", "cpu_procs", "partition",
+    "account", "qos", "time", "setup", "python", "env",
+}
+
+
+def _slurm_cluster(top: _Fields, project_root: Path | None) -> Cluster:
+    """`backend: slurm`: the login node, and what every job asks of Slurm."""
+    source = top.source
+    top.unknown({"backend", "cluster", "slurm", "training"})
+    top.get("training", dict, {})
+    settings = _Fields(source, "cluster", top.data.get("cluster") or {})
+    settings.unknown({"name"})
+    f = _Fields(source, "slurm", top.get("slurm", dict))
+    f.unknown(SLURM_FIELDS)
+    login_raw = f.get("login", dict, {"local": True})
+    login = _node(source, "slurm.login", {"name": "login", **login_raw}, 0)
+    local = login.local
+
+    def path(key: str) -> str:
+        value = _expand_path(f.string(key), local)
+        if local and project_root is not None and not os.path.isabs(value):
+            value = str((project_root / value).resolve())
+        if not value.startswith(("/", "~")):
+            f.fail(key, f"must be an absolute path, got {value!r}")
+        return value
+
+    shared = path("shared_dir")
+    if not shared.startswith("/"):
+        f.fail("shared_dir", f"must be an absolute path, got {shared!r}")
+    names = {}
+    for key in ("partition", "account", "qos"):
+        names[key] = f.string(key, None)
+        if names[key] is not None and not SLURM_NAME_RE.match(names[key]):
+            f.fail(key, f"not a Slurm name: {names[key]!r}")
+    time_limit = f.string("time", None)
+    if time_limit is not None and not SLURM_TIME_RE.match(time_limit):
+        f.fail("time", f"not a Slurm time limit (minutes, H:M:S or D-H:M:S): {time_limit!r}")
+    setup = f.get("setup", list, [])
+    for i, line in enumerate(setup):
+        if not isinstance(line, str) or "\n" in line:
+            f.fail(f"setup[{i}]", "expected one line of shell")
+    env = f.get("env", dict, {})
+    for k, v in env.items():
+        if not isinstance(k, str) or not ENV_KEY_RE.match(k):
+            f.fail("env", f"not an environment variable name: {k!r}")
+        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            f.fail(f"env.{k}", "expected a string")
+    slurm = SlurmSettings(
+        shared_dir=shared.rstrip("/") or "/",
+        project_path=path("project_path"),
+        nodes=f.count("nodes", 1, minimum=1),
+        gpus_per_node=f.count("gpus_per_node", 0),
+        cpu_procs=f.count("cpu_procs", 1, minimum=1),
+        time_limit=time_limit,
+        setup=tuple(setup),
+        python=_python_env(f, "python", False),
+        env={k: _expand(str(v)) for k, v in env.items()},
+        **names,
+    )
+    return Cluster(name=settings.string("name", source.stem), source=source, nodes=(login,),
+                   master=login, slurm=slurm)
 
 
 def _refuse_duplicates(source: Path, nodes: list[Node], attr: str):

@@ -7,6 +7,7 @@ The parsers (`parse_nvidia_smi`, `parse_probe`) are pure functions over text;
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -15,6 +16,7 @@ from pathlib import Path
 from . import commands, store
 from .cluster import Session, fan_out
 from .config import Cluster, Node
+from .errors import UgroError
 from .wording import differs, group_by
 
 PROBE_PREFIX = "UGRO_PROBE "
@@ -150,7 +152,12 @@ def assess(node: Node, report: dict, seconds: float) -> NodeHealth:
 
 def check(cluster: Cluster, nodes: tuple[Node, ...] | None = None, *, deep: bool = False,
           timeout: float | None = None, session: Session | None = None) -> list[NodeHealth]:
-    """Probe every node at once; a dead or slow node costs at most `timeout`."""
+    """Probe every node at once; a dead or slow node costs at most `timeout`.
+
+    On a Slurm cluster, the partition's nodes as Slurm reports them (`partition_check`).
+    """
+    if cluster.slurm is not None:
+        return partition_check(cluster, deep=deep, timeout=timeout)
     nodes = nodes or cluster.nodes
     timeout = timeout or cluster.health_timeout
     own = session is None
@@ -177,6 +184,66 @@ def check(cluster: Cluster, nodes: tuple[Node, ...] | None = None, *, deep: bool
     finally:
         if own:
             session.close()
+
+
+def gres_gpus(gres: str | None) -> list[Gpu]:
+    """The GPUs in sinfo's gres (`gpu:4`, `gpu:a100:4(S:0-1)`, `gpu:2,shard:8`)."""
+    gpus: list[Gpu] = []
+    for item in (gres or "").split(","):
+        parts = re.sub(r"\(.*?\)", "", item).split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            kind = parts[1] if len(parts) == 3 else "gpu"
+            gpus += [Gpu(len(gpus), kind, None, None, None, None, None)
+                     for _ in range(int(parts[-1]))]
+    return gpus
+
+
+def partition_check(cluster: Cluster, *, deep: bool = False,
+                    timeout: float | None = None) -> list[NodeHealth]:
+    """A Slurm partition's nodes from sinfo: state, GPUs, why a node is drained or down.
+
+    Nothing runs on the nodes; `deep` runs the probe on every usable node through
+    one short `srun` (which waits for them to be free).
+    """
+    from .backends.slurm import SlurmBackend
+
+    timeout = timeout or cluster.health_timeout
+    login = cluster.master
+    start = time.monotonic()
+    with SlurmBackend(cluster, Session(cluster, timeout)) as backend:
+        try:
+            rows = backend.partition()
+        except UgroError as exc:
+            return [NodeHealth(login.name, login.address, False, [f"sinfo: {exc}"])]
+        seconds = round(time.monotonic() - start, 2)
+        probes, probe_error = {}, None
+        usable = list(dict.fromkeys(n.name for n in rows if n.usable))
+        if deep and usable:
+            try:
+                probes = backend.probe(usable, commands.PROBE_SOURCE, True, timeout + 60)
+            except UgroError as exc:
+                probe_error = f"srun probe: {exc}"
+    reports, seen = [], set()
+    for n in rows:
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        h = NodeHealth(n.name, f"{n.partition}/{n.state}", n.usable, seconds=seconds)
+        if deep and n.usable:
+            try:
+                h = assess(cluster.node(n.name), parse_probe(probes.get(n.name, "")), seconds)
+                h.address = f"{n.partition}/{n.state}"
+            except ValueError as exc:
+                h.problems.append(probe_error or f"probe: {exc}")
+                h.healthy = False
+        if not n.usable:
+            h.problems.append(f"{n.state}" + (f": {n.reason}" if n.reason else ""))
+        h.gpus = h.gpus or gres_gpus(n.gres)
+        reports.append(h)
+    if not reports:
+        part = cluster.slurm.partition or "the default partition"
+        return [NodeHealth(login.name, login.address, False, [f"{part}: no nodes"])]
+    return reports
 
 
 DRIFT_FIELDS = ("python", "torch", "torch_cuda", "driver")

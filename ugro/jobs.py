@@ -187,6 +187,36 @@ class Jobs:
 
         return self._update(job_id, change)
 
+    def submitted(self, job_id: str, name: str, *, cluster_file: str, world_size: int,
+                  slurm: dict) -> dict:
+        """The first record of a job handed to Slurm: QUEUED, no nodes until Slurm picks them."""
+        meta = {
+            "job_id": job_id, "name": name, "status": JobStatus.QUEUED,
+            "created_at": now(), "started_at": None, "ended_at": None,
+            "cluster_file": cluster_file, "world_size": world_size, "master": None,
+            "nodes": {}, "slurm": slurm,
+        }
+        store.write_json(self.dir(job_id) / "metadata.json", meta)
+        return meta
+
+    def note_slurm(self, job_id: str, facts: dict) -> dict:
+        """What Slurm says of the job now (its state, why it is pending)."""
+        return self._update(job_id, lambda meta: meta.setdefault("slurm", {}).update(facts))
+
+    def mark_allocated(self, job_id: str, nodes: dict[str, dict]) -> dict:
+        """RUNNING from now on the nodes Slurm chose (each with its rank and rank count);
+        a job no longer QUEUED (cancelled meanwhile) stays as it is."""
+        def change(meta):
+            if JobStatus.parse(meta.get("status")) is not JobStatus.QUEUED:
+                return
+            meta["status"] = JobStatus.RUNNING
+            meta["started_at"] = now()
+            meta["master"] = next(iter(nodes), None)
+            meta["nodes"] = {name: {**facts, "status": NodeStatus.RUNNING, "pgid": None,
+                                    "exit_code": None} for name, facts in nodes.items()}
+
+        return self._update(job_id, change)
+
     def mark_running(self, job_id: str, pgids: dict[str, int]) -> dict:
         """RUNNING from now; these nodes' process groups started."""
         def change(meta):

@@ -27,7 +27,7 @@ from .config import Cluster, Node
 from .errors import UgroError
 from .jobs import DamagedRecord, Jobs, git_state
 from .plan import LaunchConfig, plan, preflight, ranks_per_node
-from .state import JobStatus, NodeStatus, holds_nodes, is_active
+from .state import JobStatus, NodeStatus, holds_nodes, in_queue, is_active
 from .supervise import Supervisor, iso
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +73,13 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
     `warn` hears what preflight found harmless but worth saying (a Python patch release
     that differs). Nothing is recorded until the plan is valid. `queued` is a queued job's
     id: its record exists already (`ugro.schedule` made it, and chose the nodes in
-    `cfg.nodes`), and it starts here by the same path as any launch.
+    `cfg.nodes`), and it starts here by the same path as any launch. A cluster whose own
+    scheduler runs jobs (Slurm) gets the job submitted instead (`submit`).
     """
+    backend = backend_for(cluster)
+    if backend.schedules:
+        return submit(jobs, cluster, cfg, root, backend)
+    backend.close()
     ranks_per_node(cluster, cfg)  # a plan that cannot work is refused before anything runs
     with store.locked(jobs.data_dir / ".launch.lock"), Session(cluster) as session:
         holding = busy_nodes(jobs, cluster, cluster.select(cfg.nodes))
@@ -123,6 +128,41 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
                 jobs.finish(job_id, JobStatus.FAILED, error=f"start failed: {why}",
                             nodes={name: {"status": NodeStatus.START_FAILED} for name in failed})
                 raise UgroError(f"job {job_id}: start failed: {why}")
+    spawn_supervisor(jobs, cluster, job_id)
+    return job_id
+
+
+def submit(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path, backend) -> str:
+    """Hand the job to the cluster's scheduler: it waits QUEUED until the scheduler starts it.
+
+    No health probe, port check or busy-node check: the scheduler chooses the nodes, and
+    the batch script the rendezvous port on the first of them.
+    """
+    with closing(backend):
+        backend.preflight(cfg)
+        job_id = jobs.create(cfg.name)
+        job = backend.batch_job(job_id, cfg)
+        world = job.nodes * job.nproc_per_node
+        store.write_json(jobs.dir(job_id) / "config.json", {
+            "job_id": job_id,
+            "launch": asdict(cfg),
+            "cluster": {"name": cluster.name, "file": str(cluster.source), "backend": "slurm"},
+            "world_size": world,
+            "slurm": {"job_dir": job.job_dir, "nodes": job.nodes, "nproc": job.nproc_per_node},
+            "git": git_state(root),
+        })
+        jobs.submitted(job_id, cfg.name, cluster_file=str(cluster.source), world_size=world,
+                       slurm={"job_id": None, "job_dir": job.job_dir, "nodes": job.nodes,
+                              "nproc": job.nproc_per_node})
+        try:
+            slurm_id, script = backend.submit(job_id, cfg)
+        except UgroError as exc:
+            jobs.finish(job_id, JobStatus.FAILED, error=f"submit failed: {exc}")
+            raise UgroError(f"job {job_id}: submit failed: {exc}") from None
+        config = jobs.config(job_id)
+        config["slurm"].update(job_id=slurm_id, script=script)
+        store.write_json(jobs.dir(job_id) / "config.json", config)
+        jobs.note_slurm(job_id, {"job_id": slurm_id, "state": "PENDING", "reason": None})
     spawn_supervisor(jobs, cluster, job_id)
     return job_id
 
@@ -209,8 +249,8 @@ def reconcile(jobs: Jobs, cluster: Cluster, job_id: str) -> dict:
     """
     meta = jobs.metadata(job_id)
     status = JobStatus.parse(meta["status"])
-    if status is JobStatus.QUEUED:
-        return meta  # nothing runs yet: the scheduler owns it
+    if in_queue(meta):
+        return meta  # nothing runs yet: the queue's scheduling pass owns it
     if status is JobStatus.CANCELLING:
         return cancel(jobs, cluster, job_id, reason=meta.get("cancel_reason") or "cancelled")
     if supervisor_alive(meta):
@@ -219,6 +259,10 @@ def reconcile(jobs: Jobs, cluster: Cluster, job_id: str) -> dict:
         return _stop_lost(jobs, cluster, meta)
     nodes = [cluster.node(n) for n in meta["nodes"]]
     with closing(backend_for(cluster)) as backend:
+        if backend.schedules and not nodes:
+            # Still queued, or started since: the new supervisor finds out which.
+            spawn_supervisor(jobs, cluster, job_id)
+            return jobs.metadata(job_id)
         states = backend.states(nodes, job_id)
     if any(s.alive for s in states.values()):
         spawn_supervisor(jobs, cluster, job_id)

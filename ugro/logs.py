@@ -310,13 +310,16 @@ def follow(jobs: Jobs, job_id: str, out=sys.stdout, nodes: list[str] | None = No
     """Print every node's log lines as they arrive, until the job has ended.
 
     `rank` keeps one rank's lines; `tail` starts each node at its last N lines so far.
+    A job that has no nodes yet (queued on Slurm) is followed from the nodes it gets.
     """
     logs = jobs.dir(job_id) / "logs"
-    names = nodes or list(jobs.metadata(job_id)["nodes"])
-    readers = {n: _Reader(logs / f"{n}.log") for n in names}
+    readers: dict[str, _Reader] = {}
     first = True
     while True:
-        active = is_active(jobs.metadata(job_id).get("status"))
+        meta = jobs.metadata(job_id)
+        active = is_active(meta.get("status"))
+        for name in nodes or meta["nodes"]:
+            readers.setdefault(name, _Reader(logs / f"{name}.log"))
         for node, r in readers.items():
             lines = select((parse_line(raw, node) for raw in r.lines()), rank,
                            tail if first else None)
@@ -325,5 +328,5 @@ def follow(jobs: Jobs, job_id: str, out=sys.stdout, nodes: list[str] | None = No
         out.flush()
         if not active:
             return
-        first = False
+        first = not readers
         time.sleep(poll)

@@ -169,6 +169,16 @@ class NodePlan:
     store: list[str] | None = None  # the rendezvous store the host node runs beside torchrun
 
 
+def rank_env(node: Node, cfg: LaunchConfig) -> dict[str, str]:
+    """What every rank's environment gets beside torchrun's own, on any backend."""
+    return {
+        **node.env,
+        "UGRO_JOB_NAME": cfg.name,
+        "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": RANK_PREFIX,
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
 def ranks_per_node(cluster: Cluster, cfg: LaunchConfig) -> dict[str, int]:
     """How many ranks each chosen node starts; refused unless every node starts as many."""
     procs = {n.name: cfg.nproc_per_node or n.procs for n in cluster.select(cfg.nodes)}
@@ -212,12 +222,7 @@ def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[No
             argv += ["--node-rank", str(node_rank),
                      "--master-addr", master.host, "--master-port", str(port)]
         argv += cfg.script_argv()
-        env = {
-            **node.env,
-            "UGRO_JOB_NAME": cfg.name,
-            "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": RANK_PREFIX,
-            "PYTHONUNBUFFERED": "1",
-        }
+        env = rank_env(node, cfg)
         store = None
         if cluster.rdzv_backend == "c10d" and node is master:
             store = node.python.argv() + ["-c", commands.RDZV_STORE, master.host, str(port),

@@ -31,7 +31,7 @@ from .errors import UgroError
 from .jobs import Jobs, now
 from .lifecycle import PACKAGE_ROOT
 from .plan import LaunchConfig, plan
-from .state import JobStatus
+from .state import JobStatus, in_queue
 
 LOCK = ".queue.lock"
 MEM_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([MG])?(?:I?B)?$", re.IGNORECASE)
@@ -204,7 +204,7 @@ def queued(jobs: Jobs) -> list[Waiting]:
     out = []
     for job_id in jobs.active():
         meta = jobs.metadata(job_id)
-        if JobStatus.parse(meta.get("status")) is not JobStatus.QUEUED:
+        if not in_queue(meta):
             continue
         q = meta["queue"]
         r = q["request"]
@@ -311,7 +311,7 @@ def cancel(jobs: Jobs, cluster: Cluster, job_id: str, grace: float = 3.0,
            reason: str = "cancelled by user") -> dict:
     """Cancel a job: a queued one leaves the queue (never started), any other stops."""
     with store.locked(jobs.data_dir / LOCK):  # no pass may be starting it meanwhile
-        if jobs.status(job_id) is JobStatus.QUEUED:
+        if in_queue(jobs.metadata(job_id)):
             return jobs.finish(job_id, JobStatus.CANCELLED, error=f"{reason} while queued")
     return lifecycle.cancel(jobs, cluster, job_id, grace, reason=reason)
 

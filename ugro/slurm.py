@@ -2,8 +2,8 @@
 
 No I/O here: the Slurm backend runs `submit()`, `squeue()`, `sacct()`,
 `show_job()` and `sinfo()` wherever the cluster's login node is, and hands
-their output to the parsers, which raise `UgroError` on anything they do not
-recognise. The formats the parsers read are the ones those functions ask for.
+their output to `ugro.slurm_parse`, whose parsers read exactly the formats
+these functions ask for.
 
 The batch script runs on the first node of the allocation. It takes that node
 (`scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1`) as the c10d
@@ -26,31 +26,11 @@ from dataclasses import dataclass, field
 
 from .commands import EXIT_MARKER, join, q, rpath
 from .config import ENV_KEY_RE
+from .config import SLURM_NAME_RE as NAME_RE
+from .config import SLURM_TIME_RE as TIME_RE
 from .errors import UgroError
+from .slurm_parse import slurm_id as _slurm_id
 
-# UGRO's job statuses as plain strings until the JobStatus enum lands; this
-# table's values are where its members go.
-QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = (
-    "QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED",
-)
-STATUS = {
-    # CONFIGURING: nodes are booting for the job; allocated, but nothing of ours runs yet.
-    **dict.fromkeys(("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                     "RESV_DEL_HOLD"), QUEUED),
-    # COMPLETING: the processes have ended, the outcome is final once the epilog is done.
-    **dict.fromkeys(("RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING",
-                     "STAGE_OUT"), RUNNING),
-    "COMPLETED": COMPLETED,
-    # PREEMPTED (without requeue): ended by the scheduler, not by the user.
-    **dict.fromkeys(("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-                     "SPECIAL_EXIT", "PREEMPTED"), FAILED),
-    **dict.fromkeys(("CANCELLED", "REVOKED"), CANCELLED),
-}
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-TIME_RE = re.compile(
-    r"^(?:\d+(?::\d{1,2}){0,2}|\d+-\d{1,2}(?::\d{1,2}){0,2}|UNLIMITED|INFINITE)$"
-)
 SQUEUE_FORMAT = "%i|%T|%r|%D|%N"
 SACCT_FIELDS = "JobID,State,ExitCode,NodeList"
 SINFO_FORMAT = "%N|%P|%T|%c|%m|%G|%E"
@@ -63,15 +43,6 @@ def _node_addr(var: str) -> str:
     It is how Slurm itself reaches the node (and all the lab's nodes share 127.0.0.1).
     """
     return f"scontrol show node -o \"${var}\" | sed -n \"s/.* NodeAddr=\\([^ ]*\\).*/\\1/p\""
-
-
-def status(state: str) -> str:
-    """UGRO's status for a Slurm job state (`CANCELLED by 1000` reads as CANCELLED)."""
-    words = state.split()
-    base = words[0].rstrip("+") if words else ""
-    if base not in STATUS:
-        raise UgroError(f"unknown Slurm job state: {state!r}")
-    return STATUS[base]
 
 
 @dataclass(frozen=True)
@@ -140,6 +111,8 @@ def torchrun(job: BatchJob) -> str:
         ' --nnodes "$SLURM_NNODES"'
         f" --nproc-per-node {q(job.nproc_per_node)}"
         " --max-restarts 0"
+        # Each rank's lines reach output.log prefixed `[rankN]:`, as on SSH nodes.
+        ' --tee 3 --log-dir "$d/torchrun"'
         " --rdzv-backend c10d"
         ' --rdzv-endpoint "$UGRO_RDZV_HOST:$UGRO_RDZV_PORT"'
         f" --rdzv-id {q(job.job_id)}"
@@ -212,11 +185,96 @@ def batch_script(job: BatchJob) -> str:
 
 
 BATCH_FILE = "batch.sh"
+SLURM_ID_FILE = "slurm_id"
 
 
 def submit(job_dir: str) -> str:
     """Submit the job directory's batch script; Slurm's own output lands there as slurm-<id>.out."""
     return f"cd {rpath(job_dir)} && sbatch --parsable {BATCH_FILE}"
+
+
+def write_and_submit(job_dir: str, script: str) -> str:
+    """Write the batch script into the job directory and submit it; print Slurm's job id.
+
+    The id is also kept in the job directory (`slurm_id`), where a later
+    `inv cancel` or supervisor finds it from the job directory alone.
+    """
+    return (f"mkdir -p {rpath(job_dir)} && cd {rpath(job_dir)} && "
+            f"printf %s {q(script)} >{BATCH_FILE} && "
+            f"id=$(sbatch --parsable {BATCH_FILE}) && "
+            f"echo \"$id\" >{SLURM_ID_FILE} && echo \"$id\"")
+
+
+def hostnames(nodelist: str) -> str:
+    """The node names in a compressed list (`n[1-2]`), one a line, in allocation order."""
+    if not re.fullmatch(r"[A-Za-z0-9_.,\[\]-]+", nodelist):
+        raise UgroError(f"not a Slurm node list: {nodelist!r}")
+    return f"scontrol show hostnames {q(nodelist)}"
+
+
+# Slurm states in which a job may still write to its files.
+ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "STOPPED",
+                 "SIGNALING", "STAGE_OUT", "RESIZING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESV_DEL_HOLD")
+
+
+def watch_output(job_dir: str, node: str, slurm_id: str, poll: float = 0.2,
+                 ask_every: int = 25) -> str:
+    """Stream a node's output.log from the start through its exit marker.
+
+    As `commands.watch_job` does on SSH nodes: new bytes go out in one piece
+    per round, and the loop ends only once it has sent the marker. Whether the
+    job still runs is Slurm's to say (asked every `ask_every` rounds, not every
+    round: slurmctld serves the whole cluster); once it has ended without a
+    marker, one last round sends what is there and a `killed` marker, as on SSH
+    nodes (or `missing` when the node never wrote a line).
+    """
+    f = f'{rpath(job_dir)}/nodes/{q(node)}/output.log'
+    active = "|".join(f"{s}*" for s in ACTIVE_STATES)
+    return (
+        f'F={f}; M=$(printf "{_MARKER}"); off=0; n=0; end=0; '
+        "while :; do "
+        '  size=$(wc -c <"$F" 2>/dev/null || echo 0); '
+        '  if [ "$size" -gt "$off" ]; then tail -c +$((off+1)) "$F" | head -c $((size-off)); '
+        "    off=$size; fi; "
+        # The marker must be among the bytes already sent, not just in the file.
+        f"  s0=$((off-{len(EXIT_MARKER) + 30})); [ $s0 -lt 1 ] && s0=1; "
+        '  [ "$off" -gt 0 ] && tail -c +$s0 "$F" 2>/dev/null | head -c $((off-s0+1)) '
+        '| grep -q "$M" && break; '
+        '  if [ $end -gt 0 ]; then [ "$off" -gt 0 ] && w=killed || w=missing; '
+        f'    printf "\\n{_MARKER} %s\\n" $w; break; fi; '
+        f"  n=$((n+1)); if [ $((n % {ask_every})) -eq 1 ]; then "
+        f"    st=$(squeue -h -t all -j {q(_slurm_id(slurm_id))} -o %T 2>&1); "
+        f'    case "$st" in {active}) ;; '
+        '      *"Invalid job id"*|"") end=1; continue ;; '
+        "      [A-Z]*[A-Z]) end=1; continue ;; "
+        "    esac; fi; "
+        f"  sleep {poll}; "
+        "done"
+    )
+
+
+def node_exit_codes(job_dir: str) -> str:
+    """`<node> <code>` for each node that has written its exit code."""
+    return (f"cd {rpath(job_dir)}/nodes 2>/dev/null || exit 0; "
+            'for n in *; do [ -f "$n/exit_code" ] && echo "$n $(cat "$n/exit_code")"; done; '
+            "exit 0")
+
+
+def probe(python: list[str], nodes: list[str], partition: str | None, source: str,
+          deep: bool, time_limit: int = 2) -> str:
+    """The health probe on each of these nodes through one short `srun`, one task a node.
+
+    Every line comes back labelled with its task (`srun -l`); each task says
+    which node it is first (`UGRO_NODE n1`).
+    """
+    part = f" -p {q(partition)}" if partition else ""
+    node_list = ",".join(nodes)
+    if not re.fullmatch(r"[A-Za-z0-9_.,-]+", node_list):
+        raise UgroError(f"not Slurm node names: {nodes!r}")
+    body = f'echo "UGRO_NODE $SLURMD_NODENAME"; exec {join(python)} -c {q(source)} .'
+    return (f"srun -l -N {len(nodes)} --ntasks-per-node=1 -w {q(node_list)}{part} "
+            f"-t {time_limit} -J ugro-health bash -c {q(body + (' --deep' if deep else ''))}")
 
 
 def cancel(slurm_id: str) -> str:
@@ -244,159 +302,3 @@ def sinfo(partition: str | None = None) -> str:
     return f"sinfo -h -N{part} -o {q(SINFO_FORMAT)}"
 
 
-def _slurm_id(value: str) -> str:
-    if not re.fullmatch(r"\d+(?:_\d+)?(?:\.\w+)?", str(value)):
-        raise UgroError(f"not a Slurm job id: {value!r}")
-    return str(value)
-
-
-@dataclass(frozen=True)
-class SlurmJob:
-    """One job (or, from sacct, one step: `123.batch`, `123.0`) as Slurm reports it."""
-
-    slurm_id: str
-    state: str  # Slurm's, e.g. PENDING, "CANCELLED by 0"
-    reason: str | None = None  # why it is pending, e.g. Resources, Priority
-    nodelist: str | None = None  # compressed, e.g. gpu[01-04]
-    exit_code: int | None = None
-    signal: int | None = None
-
-    @property
-    def status(self) -> str:
-        return status(self.state)
-
-    @property
-    def is_step(self) -> bool:
-        return "." in self.slurm_id
-
-
-@dataclass(frozen=True)
-class SlurmNode:
-    name: str
-    partition: str
-    state: str  # sinfo's long form with its flags, e.g. idle, mixed, down*, drained
-    cpus: int
-    memory_mb: int
-    gres: str | None
-    reason: str | None
-
-    @property
-    def usable(self) -> bool:
-        """Up and schedulable: not down, drained, failing, powered off or unresponsive."""
-        base = re.match(r"[a-z_]*", self.state).group(0)
-        flags = self.state[len(base):]
-        return base in {"idle", "mixed", "allocated", "completing", "planned"} and not (
-            set(flags) & set("*~#!%")
-        )
-
-
-def parse_submit(text: str) -> str:
-    """`sbatch --parsable` prints `123` or `123;cluster`."""
-    line = text.strip().split(";")[0]
-    if not re.fullmatch(r"\d+", line):
-        raise UgroError(f"sbatch: expected a job id, got {text.strip()[:200]!r}")
-    return line
-
-
-def _fields(tool: str, text: str, count: int) -> list[list[str]]:
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split("|", count - 1)
-        if len(parts) != count:
-            raise UgroError(f"{tool}: line {n}: expected {count} '|'-separated fields, "
-                            f"got {line[:200]!r}")
-        rows.append([p.strip() for p in parts])
-    return rows
-
-
-def _none(value: str) -> str | None:
-    return None if value in ("", "(null)", "None", "none", "N/A", "None assigned") else value
-
-
-def _exit(tool: str, value: str) -> tuple[int | None, int | None]:
-    """Slurm's `code:signal` pair."""
-    if value in ("", "N/A"):
-        return None, None
-    m = re.fullmatch(r"(\d+):(\d+)", value)
-    if not m:
-        raise UgroError(f"{tool}: not an exit code: {value!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
-def _job(tool: str, slurm_id: str, state: str, **kw) -> SlurmJob:
-    try:
-        _slurm_id(slurm_id)
-    except UgroError:
-        raise UgroError(f"{tool}: not a Slurm job id: {slurm_id[:200]!r}") from None
-    status(state)  # an unknown state is an error here, not later
-    return SlurmJob(slurm_id, state, **kw)
-
-
-def parse_squeue(text: str) -> list[SlurmJob]:
-    """Output of `squeue()`; a job with no reason to report shows None."""
-    return [
-        _job("squeue", i, state, reason=_none(reason), nodelist=_none(nodes))
-        for i, state, reason, _count, nodes in _fields("squeue", text, 5)
-    ]
-
-
-def parse_sacct(text: str) -> list[SlurmJob]:
-    """Output of `sacct()`: the job's row, then one per step."""
-    jobs = []
-    for i, state, code, nodes in _fields("sacct", text, 4):
-        exit_code, sig = _exit("sacct", code)
-        jobs.append(_job("sacct", i, state, nodelist=_none(nodes), exit_code=exit_code,
-                         signal=sig))
-    return jobs
-
-
-_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_:/]*=")
-
-
-def parse_scontrol(text: str) -> list[dict[str, str]]:
-    """`scontrol show job|node` output (one-line `-o` or the indented form) as records.
-
-    A value may hold spaces (`OS=Linux 6.1.0 #1 SMP`, a `Reason=` text): a
-    word without `Key=` in front belongs to the value before it.
-    """
-    records: list[dict[str, str]] = []
-    key = ""
-    for word in text.split():
-        m = _KEY.match(word)
-        if m:
-            key, value = word[: m.end() - 1], word[m.end():]
-            if key in ("JobId", "NodeName"):
-                records.append({})
-        if not records:
-            raise UgroError(f"scontrol: expected JobId= or NodeName= first, got {word[:200]!r}")
-        if m:
-            records[-1][key] = value
-        else:
-            records[-1][key] += " " + word
-    return records
-
-
-def parse_show_job(text: str) -> list[SlurmJob]:
-    """`show_job()` output."""
-    jobs = []
-    for rec in parse_scontrol(text):
-        if "JobId" not in rec or "JobState" not in rec:
-            raise UgroError(f"scontrol: not a job record: {str(rec)[:200]}")
-        code, sig = _exit("scontrol", rec.get("ExitCode", ""))
-        jobs.append(_job("scontrol", rec["JobId"], rec["JobState"],
-                         reason=_none(rec.get("Reason", "")),
-                         nodelist=_none(rec.get("NodeList", "")), exit_code=code, signal=sig))
-    return jobs
-
-
-def parse_sinfo(text: str) -> list[SlurmNode]:
-    """`sinfo()` output: one row per node and partition (the default one loses its `*`)."""
-    nodes = []
-    for name, part, state, cpus, mem, gres, reason in _fields("sinfo", text, 7):
-        if not cpus.isdigit() or not mem.isdigit():
-            raise UgroError(f"sinfo: {name}: CPUs and memory must be numbers: {cpus!r}, {mem!r}")
-        nodes.append(SlurmNode(name, part.rstrip("*"), state, int(cpus), int(mem),
-                               _none(gres), _none(reason)))
-    return nodes

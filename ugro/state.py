@@ -26,7 +26,7 @@ class _State(str, Enum):
 
 
 class JobStatus(_State):
-    QUEUED = "QUEUED"  # waiting in the queue for its nodes or its predecessors; holds nothing
+    QUEUED = "QUEUED"  # waiting in the queue (or Slurm's) for its nodes or predecessors; holds none
     PENDING = "PENDING"  # recorded, nodes not started yet
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
@@ -102,6 +102,19 @@ def is_stalled(meta: dict) -> bool:
     a running job, not a state of its own, and it clears when the job prints again."""
     return (isinstance(meta, dict) and bool(meta.get("stalled_since"))
             and JobStatus.parse(meta.get("status")) is JobStatus.RUNNING)
+
+
+def in_queue(meta: dict) -> bool:
+    """Whether a job waits in UGRO's own queue, which `ugro.schedule` owns. A job the cluster's
+    scheduler holds QUEUED (Slurm: a `slurm` record, no `queue`) is not: its supervisor waits."""
+    return (isinstance(meta, dict) and JobStatus.parse(meta.get("status")) is JobStatus.QUEUED
+            and "slurm" not in meta)
+
+
+def watched(meta: dict) -> bool:
+    """Whether a job holds nodes or has a supervisor watching it: any job not over but one in
+    UGRO's own queue (a Slurm-queued one included), and an ended one with a node to stop."""
+    return holds_nodes(meta) or (is_active(meta.get("status")) and not in_queue(meta))
 
 
 @dataclass(frozen=True)

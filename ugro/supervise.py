@@ -12,6 +12,13 @@ It also notices a job that is alive but silent: no node has sent output and no
 node's metrics.jsonl has changed for the job's `stall_after`. Such a job is
 flagged stalled in its record (still RUNNING, still holding its nodes) until it
 prints again, or, with `--on-stall cancel`, stopped and FAILED "stalled".
+
+A job the cluster's scheduler runs (Slurm, `Backend.schedules`) is watched, not
+driven: the supervisor waits while Slurm holds it QUEUED, records the nodes Slurm
+chose, and streams their output from the shared directory. Slurm stops the other
+nodes when one fails (`--kill-on-bad-exit`) and ends the job when a node dies, so
+nothing here stops nodes or declares them lost; their state is asked only when a
+node's stream ends without its exit marker.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ from .errors import UgroError
 from .jobs import Jobs, now, validate_name
 from .logs import NodeLog, first_error
 from .plan import STALL_AFTER
-from .state import Failure, JobStatus, NodeStatus, exit_code_int
+from .state import Failure, JobStatus, NodeStatus, exit_code_int, is_active
 
 RECORD_RETRY = 30.0  # seconds to keep retrying a record the control node cannot write
 LOST_RETRY = 600.0  # seconds to keep trying to stop a lost node's processes once it is back
+KILLED = ("143", "137", "killed")  # SIGTERM, SIGKILL as exit codes; a group gone without one
 
 
 class Supervisor:
@@ -51,10 +59,11 @@ class Supervisor:
         self.changed = threading.Event()
         self.codes: dict[str, str] = {}  # node -> exit code, `lost`, `hung` or `killed`
         self.unstreamed: set[str] = set()  # nodes whose stream ended without an exit marker
-        self.heard = {n.name: time.monotonic() for n in self.nodes}
+        self.heard: dict[str, float] = {}
         self.frozen_since: dict[str, float] = {}
         self.gaps: dict[str, str] = {}
         self.every = max(0.2, min(2.0, cluster.lost_after / 4))
+        self.schedules = False  # the cluster's scheduler runs the job (set in `run`)
         launch = self._launch_settings()
         self.stall_after = float(launch.get("stall_after") or STALL_AFTER)
         self.on_stall = launch.get("on_stall") or "flag"
@@ -78,13 +87,21 @@ class Supervisor:
         # A backend for stops apart from the streams: those connections are busy streaming.
         with closing(backend_for(self.cluster)) as streams, \
                 closing(backend_for(self.cluster)) as killer:
+            self.schedules = streams.schedules
+            if self.schedules and not self.nodes:
+                meta = self._wait_allocated(streams)
+                if not is_active(meta["status"]):
+                    return meta
+                self.nodes = [self.cluster.node(n) for n in meta["nodes"]]
+            self.heard = {n.name: time.monotonic() for n in self.nodes}
             for node in self.nodes:
                 threading.Thread(target=self._watch, args=(streams, node, logs_dir),
                                  daemon=True).start()
-                threading.Thread(target=self._ask, args=(node,), daemon=True).start()
+                if not self.schedules:
+                    threading.Thread(target=self._ask, args=(node,), daemon=True).start()
             self._wait(killer)
             reachable = [n for n in self.nodes if self.codes[n.name] != "lost"]
-            if reachable[:1] == self.nodes[:1]:
+            if not self.schedules and reachable[:1] == self.nodes[:1]:
                 # Every node has ended: the rendezvous store beside the host's torchrun can go.
                 killer.stop(self.nodes[:1], self.job_id, self.grace)
             self._fetch_outputs(killer, reachable)
@@ -93,6 +110,39 @@ class Supervisor:
         if lost and not meta.get("cancel_requested_at"):
             self._stop_when_back(lost)
         return self.jobs.metadata(self.job_id)
+
+    # -- waiting for the scheduler ---------------------------------------------
+    def _wait_allocated(self, backend: Backend, poll: float = 1.0) -> dict:
+        """While the scheduler holds the job QUEUED, keep its state and reason in the record;
+        once it starts, record the nodes it chose (in rank order)."""
+        meta = self.jobs.metadata(self.job_id)
+        slurm_id = meta["slurm"]["job_id"]
+        said = (None, None)
+        while meta["status"] == JobStatus.QUEUED:
+            try:
+                job = backend.allocation(slurm_id)
+            except UgroError:
+                time.sleep(poll)  # the controller did not answer this time
+                continue
+            if job is None:
+                return self.jobs.finish(self.job_id, JobStatus.FAILED,
+                                        error=f"Slurm has no record of job {slurm_id}")
+            if job.nodelist and job.state.split()[0] != "PENDING":
+                names = backend.hostnames(job.nodelist)
+                nproc = meta["slurm"]["nproc"]
+                self.jobs.note_slurm(self.job_id, {"state": job.state, "reason": None})
+                return self.jobs.mark_allocated(self.job_id, {
+                    name: {"node_rank": i, "nproc": nproc} for i, name in enumerate(names)})
+            if job.status.is_terminal():
+                return self.jobs.finish(self.job_id, job.status,
+                                        error=f"Slurm: {job.state} before it started"
+                                        + (f" ({job.reason})" if job.reason else ""))
+            if (job.state, job.reason) != said:
+                said = (job.state, job.reason)
+                self.jobs.note_slurm(self.job_id, {"state": job.state, "reason": job.reason})
+            time.sleep(poll)
+            meta = self.jobs.metadata(self.job_id)
+        return meta
 
     # -- watching ------------------------------------------------------------
     def _watch(self, streams: Backend, node: Node, logs_dir: Path) -> None:
@@ -109,6 +159,8 @@ class Supervisor:
             # No marker: the connection dropped. `_ask` learns the outcome from the node.
             with self.lock:
                 self.unstreamed.add(node.name)
+            if self.schedules:
+                self._ask(node)  # no asker runs for a scheduler's node until now
             return
         self._ended(node, sink.exit, sink, error)
 
@@ -132,14 +184,15 @@ class Supervisor:
                 time.sleep(self.every)
 
     def _wait(self, killer: Backend) -> None:
-        """Until every node has an outcome; a silent or frozen node is given one here."""
+        """Until every node has an outcome; a silent or frozen node is given one here
+        (not a scheduler's node: the scheduler ends the job when one dies)."""
         limit = self.cluster.lost_after
         while len(self.codes) < len(self.nodes):
             self.changed.wait(self.every)
             self.changed.clear()
             t = time.monotonic()
             for node in self.nodes:
-                if node.name in self.codes:
+                if node.name in self.codes or self.schedules:
                     continue
                 silent = t - self.heard[node.name]
                 frozen = t - self.frozen_since.get(node.name, t)
@@ -211,7 +264,14 @@ class Supervisor:
     def _failed(self, killer: Backend | None, node: Node, code: str, sink: NodeLog | None,
                 why: str | None):
         with self.lock:
-            if self.failure is not None or self.stop_reason or self._cancel_requested():
+            # A node killed by a signal was most likely stopped because another failed
+            # (Slurm's --kill-on-bad-exit, or our own stop): a node that failed by itself
+            # takes the blame from it, whichever of the two was read first.
+            if self.failure is not None and (self.codes[self.failure.node] not in KILLED
+                                             or code in KILLED):
+                return
+            replacing = self.failure is not None
+            if self.stop_reason or self._cancel_requested():
                 return
             rank = sink.failed_rank if sink else None
             where = f"{node.name} rank {rank}" if rank is not None else node.name
@@ -224,7 +284,7 @@ class Supervisor:
                 log_tail=tail,
             )
         others = [n for n in self.nodes if n is not node and n.name not in self.codes]
-        if not others:
+        if not others or replacing or self.schedules:  # the scheduler stops the others itself
             return
         if killer is not None:
             killer.stop(others, self.job_id, self.grace)

@@ -205,6 +205,17 @@ def checkpoints(rec: JobRecord) -> list[dict]:
     return out
 
 
+def waiting(meta: dict) -> str | None:
+    """Why a job handed to Slurm has not started yet, as Slurm says it."""
+    slurm = meta.get("slurm")
+    if meta.get("status") != JobStatus.QUEUED or not isinstance(slurm, dict):
+        return None
+    if not slurm.get("job_id"):
+        return "submitting to Slurm"
+    reason = f" ({slurm['reason']})" if slurm.get("reason") else ""
+    return f"Slurm job {slurm['job_id']} {slurm.get('state') or 'PENDING'}{reason}"
+
+
 def job_row(rec: JobRecord, now: datetime) -> dict:
     """One line of `inv jobs`."""
     meta = rec.meta
@@ -221,6 +232,7 @@ def job_row(rec: JobRecord, now: datetime) -> dict:
         "final_loss": m["final_loss"],
         "error": meta.get("error"),
         **stall(meta),
+        "waiting": waiting(meta),
         "damaged": rec.damaged,
     }
 
@@ -288,6 +300,7 @@ def progress(rec: JobRecord, now: datetime) -> dict:
         "loss": last_loss,
         "elapsed_s": duration(rec.meta, now),
         **stall(rec.meta),
+        "waiting": waiting(rec.meta),
         "damaged": rec.damaged,
     }
 
@@ -509,7 +522,8 @@ def status_text(view: dict) -> str:
     if view["running"]:
         out.append(tabulate(
             [[r["job_id"], _status(r, view.get("now")), ",".join(r["nodes"]),
-              _fmt(r["world_size"]), _progress(r), _loss(r["loss"]), _duration(r["elapsed_s"])]
+              _fmt(r["world_size"]), r["waiting"] or _progress(r), _loss(r["loss"]),
+              _duration(r["elapsed_s"])]
              for r in view["running"]],
             headers=["job", "status", "nodes", "world", "progress", "loss", "elapsed"],
             tablefmt="simple", disable_numparse=True))
@@ -691,7 +705,7 @@ def _progress(r: dict) -> str:
 def _note(r: dict) -> str:
     if r["damaged"]:
         return "damaged: " + "; ".join(r["damaged"])
-    return r["error"] or ""
+    return r["error"] or r.get("waiting") or ""
 
 
 def _natural(name: str) -> list:

@@ -25,7 +25,7 @@ addr=$(scontrol show node -o "$n" | sed -n "s/.* NodeAddr=\([^ ]*\).*/\1/p"); ad
 is_host=0; [ "$n" = "$UGRO_RDZV_NODE" ] && is_host=1
 export UGRO_NODE=$n
 trap : TERM INT
-"$HOME"/ugro/.venv/bin/python -m torch.distributed.run --nnodes "$SLURM_NNODES" --nproc-per-node 4 --max-restarts 0 --rdzv-backend c10d --rdzv-endpoint "$UGRO_RDZV_HOST:$UGRO_RDZV_PORT" --rdzv-id exp1_20260101_120000 --rdzv-conf "is_host=$is_host" --local-addr "$addr" scripts/train.py --epochs 3 --note '"'"'it'"'"'"'"'"'"'"'"'s fine'"'"' >"$d/output.log" 2>&1 </dev/null
+"$HOME"/ugro/.venv/bin/python -m torch.distributed.run --nnodes "$SLURM_NNODES" --nproc-per-node 4 --max-restarts 0 --tee 3 --log-dir "$d/torchrun" --rdzv-backend c10d --rdzv-endpoint "$UGRO_RDZV_HOST:$UGRO_RDZV_PORT" --rdzv-id exp1_20260101_120000 --rdzv-conf "is_host=$is_host" --local-addr "$addr" scripts/train.py --epochs 3 --note '"'"'it'"'"'"'"'"'"'"'"'s fine'"'"' >"$d/output.log" 2>&1 </dev/null
 c=$?
 echo $c >"$d/exit_code.tmp" && mv "$d/exit_code.tmp" "$d/exit_code"
 printf "\n\036UGRO_EXIT %s\n" $c >>"$d/output.log"

@@ -33,6 +33,10 @@ class Sink(Protocol):
 
 
 class Backend(Protocol):
+    # True when the cluster's own scheduler queues the job, starts it and fails it fast
+    # (Slurm): `inv launch` submits instead of starting, and the supervisor only watches.
+    schedules: bool
+
     def command_line(self, job_id: str, plan: NodePlan) -> str:
         """What the node runs for this plan, exactly (the job record keeps it)."""
 
@@ -62,6 +66,10 @@ class Backend(Protocol):
 
 
 def backend_for(cluster: Cluster) -> Backend:
+    if cluster.slurm is not None:
+        from .slurm import SlurmBackend
+
+        return SlurmBackend(cluster)
     from .ssh import SSHBackend
 
     return SSHBackend(cluster)

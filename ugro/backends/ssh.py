@@ -25,6 +25,8 @@ STATE_RE = re.compile(r"pgid=(\d*) exit=(\S*) alive=([01]) ended=(\d*) stopped=(
 
 
 class SSHBackend:
+    schedules = False
+
     def __init__(self, cluster: Cluster, session: Session | None = None):
         self.cluster = cluster
         self.session = session or Session(cluster)

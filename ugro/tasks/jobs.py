@@ -113,6 +113,9 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
             raise UgroError("sync before launch failed: " + "; ".join(
                 f"{r.node}: {r.error}" for r in failed))
         print(sync_mod.sync_table(results), flush=True)
+    if queue and cluster.slurm is not None:
+        raise UgroError(f"--queue: Slurm queues every job itself (slurm: in {cluster.source}); "
+                        "launch without --queue")
     if queue:
         job_id = schedule.enqueue(jobs, cluster, cfg, ROOT)
         schedule.run_pass(jobs, cluster, ROOT)
@@ -128,6 +131,15 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
     else:
         job_id = lifecycle.launch(jobs, cluster, cfg, ROOT, warn=note)
     meta = jobs.metadata(job_id)
+    if meta.get("slurm"):
+        s = meta["slurm"]
+        print(f"job {job_id}: Slurm job {s['job_id']}, world size {meta['world_size']} "
+              f"({s['nodes']} nodes x {s['nproc']}); QUEUED until Slurm starts it", flush=True)
+        if detach:
+            print(f"detached; follow with: inv logs {cfg.name} --follow; "
+                  f"stop with: inv cancel {cfg.name}")
+            return
+        return attached(jobs, cluster, job_id)
     where = ", ".join(f"{n} ({v['nproc']} rank{'s' if v['nproc'] > 1 else ''})"
                       for n, v in meta["nodes"].items())
     print(f"job {job_id}: world size {meta['world_size']} on {where}; "
@@ -144,6 +156,11 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
         print(f"detached; follow with: inv logs {cfg.name} --follow; "
               f"stop with: inv cancel {cfg.name}")
         return
+    attached(jobs, cluster, job_id)
+
+
+def attached(jobs: Jobs, cluster, job_id: str) -> None:
+    """Follow the job's logs until it ends; exit 1 unless it COMPLETED."""
     meta = lifecycle.wait_attached(jobs, cluster, job_id)
     print(f"job {job_id}: {meta['status']}", flush=True)
     if meta.get("error"):
@@ -192,6 +209,9 @@ def reset(c, grace=None):
             continue
         print(f"{job_id}: {meta['status']}" + (f" ({meta['error']})"
                                                if meta["status"] != JobStatus.CANCELLED else ""))
+    if cluster.slurm is not None:
+        print("reset: every UGRO job on this Slurm cluster is cancelled (scancel)")
+        return
     with Session(cluster) as session:
         answers = session.run_all(cluster.nodes,
                                   lambda n: commands.kill_all_jobs(n, grace),

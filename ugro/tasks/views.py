@@ -11,7 +11,7 @@ from .. import logs as logs_mod
 from ..cluster import Session
 from ..errors import UgroError
 from ..jobs import Jobs, job_name
-from ..state import JobStatus, holds_nodes, is_active
+from ..state import JobStatus, is_active, watched
 from .common import (
     cli,
     cluster_of,
@@ -62,7 +62,7 @@ def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
     freed = False
     for job_id in job_ids:
         meta, damaged = views.read_object(jobs.dir(job_id) / "metadata.json")
-        if damaged or not holds_nodes(meta):
+        if damaged or not watched(meta):
             continue
         try:
             cluster = cluster or cluster_of(c)
@@ -247,7 +247,7 @@ def status(c, refresh=False, json=False):
     if damaged:
         notes.append(damaged)
     active = [views.load(jobs, j) for j in jobs.active()]
-    running = [r for r in active if r.damaged or holds_nodes(r.meta)]
+    running = [r for r in active if r.damaged or watched(r.meta)]
     for rec in running:
         if rec.damaged:
             notes.append(f"{rec.job_id}: holds its nodes until its record is fixed or removed "

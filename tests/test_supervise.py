@@ -1,0 +1,102 @@
+"""The supervisor's failure rules, and who owns a QUEUED job, with the machines faked."""
+
+from __future__ import annotations
+
+from ugro import schedule
+from ugro.config import parse_cluster
+from ugro.jobs import Jobs
+from ugro.state import JobStatus, in_queue, watched
+from ugro.supervise import Supervisor
+
+CLUSTER = """
+master: {name: a, local: true}
+workers:
+  - {name: b, ip: 127.0.0.9}
+  - {name: c, ip: 127.0.0.10}
+"""
+
+
+class Killer:
+    """A backend whose stops are only noted."""
+
+    def __init__(self, schedules: bool = False):
+        self.schedules = schedules
+        self.stopped: list[list[str]] = []
+
+    def stop(self, nodes, job_id, grace):
+        self.stopped.append([n.name for n in nodes])
+        return dict.fromkeys((n.name for n in nodes), "stopped")
+
+
+def supervisor(tmp_path, schedules=False) -> tuple[Supervisor, Killer]:
+    cluster = parse_cluster(CLUSTER, tmp_path / "c.yaml")
+    jobs = Jobs(tmp_path / "data")
+    job_id = jobs.create("exp")
+    jobs.begin(job_id, "exp", cluster_file="c.yaml", world_size=3, master="x:1",
+               nodes={n: {"node_rank": i, "nproc": 1} for i, n in enumerate("abc")})
+    jobs.mark_running(job_id, {"a": 1, "b": 2, "c": 3})
+    sup = Supervisor(jobs, cluster, job_id)
+    sup.schedules = schedules
+    return sup, Killer(schedules)
+
+
+def end(sup: Supervisor, killer: Killer, name: str, code: str) -> None:
+    sup._ended(sup.cluster.node(name), code, None, None, killer)
+
+
+def test_a_node_that_failed_by_itself_takes_the_blame_from_a_killed_one(tmp_path):
+    for killed in ("143", "137", "killed"):
+        sup, killer = supervisor(tmp_path / killed)
+        end(sup, killer, "a", killed)
+        end(sup, killer, "b", "1")
+        assert (sup.failure.node, sup.failure.exit_code) == ("b", 1)
+        assert killer.stopped == [["b", "c"]]  # stopped once, by the first failure read
+
+
+def test_a_killed_node_never_takes_the_blame(tmp_path):
+    sup, killer = supervisor(tmp_path)
+    end(sup, killer, "b", "1")
+    end(sup, killer, "a", "143")
+    end(sup, killer, "c", "killed")
+    assert sup.failure.node == "b"
+    assert killer.stopped == [["a", "c"]]
+
+
+def test_the_first_of_two_failures_keeps_the_blame(tmp_path):
+    sup, killer = supervisor(tmp_path)
+    end(sup, killer, "c", "2")
+    end(sup, killer, "a", "1")
+    assert sup.failure.node == "c"
+
+
+def test_a_scheduler_run_job_leaves_stopping_the_others_to_the_scheduler(tmp_path):
+    sup, killer = supervisor(tmp_path, schedules=True)
+    end(sup, killer, "a", "143")
+    end(sup, killer, "b", "1")
+    assert sup.failure.node == "b" and killer.stopped == []
+
+
+def test_a_slurm_job_is_queued_by_slurm_not_by_the_ugro_queue(tmp_path):
+    jobs = Jobs(tmp_path)
+    slurm_job = jobs.create("on-slurm")
+    jobs.submitted(slurm_job, "on-slurm", cluster_file="s.yaml", world_size=2,
+                   slurm={"job_id": "7", "nodes": 2, "nproc": 1})
+    ours = jobs.create("here")
+    jobs.enqueue(ours, "here", cluster_file="c.yaml", queue={
+        "queued_at": "2024-01-01T00:00:00+00:00", "priority": 0,
+        "request": {"pool": ["a"], "count": 1, "min_gpu_mem_mib": None}, "after": []})
+    assert not in_queue(jobs.metadata(slurm_job)) and in_queue(jobs.metadata(ours))
+    # Its supervisor waits (and `inv status` restarts a dead one); the queue's job has none yet.
+    assert watched(jobs.metadata(slurm_job)) and not watched(jobs.metadata(ours))
+    assert [w.job_id for w in schedule.queued(jobs)] == [ours]
+    assert set(jobs.active()) == {slurm_job, ours}
+
+
+def test_allocated_only_while_queued(tmp_path):
+    jobs = Jobs(tmp_path)
+    job_id = jobs.create("on-slurm")
+    jobs.submitted(job_id, "on-slurm", cluster_file="s.yaml", world_size=2,
+                   slurm={"job_id": "7", "nodes": 2, "nproc": 1})
+    jobs.finish(job_id, JobStatus.CANCELLED, error="cancelled by user")
+    meta = jobs.mark_allocated(job_id, {"n1": {"node_rank": 0, "nproc": 1}})
+    assert meta["status"] == "CANCELLED" and meta["nodes"] == {}
