@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import yaml
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from .. import lifecycle, schedule, views
-from ..cluster import Session
 from ..errors import UgroError
-from ..jobs import Jobs, job_name
-from ..plan import LaunchConfig
 from ..state import JobStatus, is_active
 from .common import ROOT, cli, cluster_of, positive, print_json, project_path
 
+if TYPE_CHECKING:
+    from ..jobs import Jobs
+
+# The package's modules are imported in the task bodies: `inv --list` and `inv TASK --help`
+# pay for none of them (SSH, YAML, tabulate, the launch path).
+
 
 def jobs_of(c) -> Jobs:
+    from ..jobs import Jobs
+
     return Jobs(project_path(c, "data_dir"))
 
 
@@ -28,6 +32,8 @@ def note(line: str) -> None:
 
 def launch_defaults(c) -> tuple[dict, dict]:
     """training_defaults.yaml's `launch:` section, and its `scripts:` (each script's defaults)."""
+    import yaml
+
     path = project_path(c, "defaults")
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -80,6 +86,9 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
            script_args=None, sync=False, queue=False, num_nodes=None, min_gpu_mem=None,
            priority=None, after=None):
     """Run a distributed torchrun training job on the cluster's nodes (or queue it)."""
+    from .. import lifecycle, schedule, views
+    from ..plan import LaunchConfig
+
     positive("lr", lr)
     defaults, scripts = launch_defaults(c)
     cfg = LaunchConfig.from_options(
@@ -151,6 +160,9 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
 @cli
 def cancel(c, name, grace=None):
     """Cancel a job: stop exactly its processes on every node."""
+    from .. import schedule
+    from ..jobs import job_name
+
     grace = positive("grace", grace, 3.0)
     jobs = jobs_of(c)
     job_id = jobs.find(name)
@@ -173,7 +185,8 @@ def cancel(c, name, grace=None):
 @cli
 def reset(c, grace=None):
     """Emergency stop: end every UGRO-started job on every node, mark them CANCELLED."""
-    from .. import commands
+    from .. import commands, schedule
+    from ..cluster import Session
 
     grace = positive("grace", grace, 3.0)
     cluster = cluster_of(c)
@@ -221,6 +234,8 @@ def whole(option: str, value) -> int | None:
 @cli
 def show_queue(c, json=False, run=False, every=15.0):
     """Show the queued jobs in the order they will start, and why each waits."""
+    from .. import schedule, views
+
     jobs = jobs_of(c)
     if run:
         try:
