@@ -140,18 +140,14 @@ def load(jobs: Jobs, job_id: str) -> JobRecord:
 
 def parse_history(text: str) -> tuple[list[dict], str | None]:
     """The entries of job_history.jsonl, newest first, and what was wrong with it, if anything."""
-    entries, bad = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except (ValueError, RecursionError):
-            entry = None
+    values, bad = store.json_lines(text)
+    entries = []
+    for number, entry in values:
         if isinstance(entry, dict) and isinstance(entry.get("job_id"), str):
             entries.append(entry)
         else:
             bad.append(number)
+    bad.sort()
     problem = (f"job_history.jsonl: {len(bad)} unreadable line(s) skipped (first: line {bad[0]})"
                if bad else None)
     return entries[::-1], problem
@@ -224,13 +220,14 @@ def job_row(rec: JobRecord, now: datetime) -> dict:
     }
 
 
-def filter_rows(rows: list[dict], status: str | None) -> list[dict]:
+def status_filter(status: str | None) -> str | None:
+    """The job status `--status` asks for, checked; None for every status."""
     if status is None:
-        return rows
+        return None
     wanted = status.upper()
     if wanted not in STATUSES:
         raise UgroError(f"--status {status}: not a job status ({', '.join(STATUSES)})")
-    return [r for r in rows if r["status"] == wanted]
+    return wanted
 
 
 def queue(metas: list[dict], now: datetime) -> list[dict]:
