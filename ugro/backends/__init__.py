@@ -16,6 +16,7 @@ from ..config import Cluster, Node
 from ..state import NodeState
 
 if TYPE_CHECKING:
+    from ..cluster import Session
     from ..plan import NodePlan
 
 
@@ -61,7 +62,9 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def backend_for(cluster: Cluster) -> Backend:
+def backend_for(cluster: Cluster, session: Session | None = None) -> Backend:
+    """The cluster's backend; `session` lends it connections already open (a launch's
+    preflight), which it then closes with its own."""
     from .ssh import SSHBackend
 
-    return SSHBackend(cluster)
+    return SSHBackend(cluster, session)

@@ -87,6 +87,7 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
            priority=None, after=None):
     """Run a distributed torchrun training job on the cluster's nodes (or queue it)."""
     from .. import lifecycle, schedule, views
+    from ..cluster import Session
     from ..plan import LaunchConfig
 
     positive("lr", lr)
@@ -116,6 +117,7 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
             raise UgroError("sync before launch failed: " + "; ".join(
                 f"{r.node}: {r.error}" for r in failed))
         print(sync_mod.sync_table(results), flush=True)
+    session = None
     if queue:
         job_id = schedule.enqueue(jobs, cluster, cfg, ROOT)
         schedule.run_pass(jobs, cluster, ROOT)
@@ -129,14 +131,19 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
         if not is_active(meta["status"]):
             raise UgroError(f"job {job_id}: {meta['status']}: {meta.get('error')}")
     else:
-        job_id = lifecycle.launch(jobs, cluster, cfg, ROOT, warn=note)
+        session = Session(cluster)  # the preflight's connections, kept for wait_for_ranks
+        job_id = lifecycle.launch(jobs, cluster, cfg, ROOT, warn=note, session=session)
     meta = jobs.metadata(job_id)
     where = ", ".join(f"{n} ({v['nproc']} rank{'s' if v['nproc'] > 1 else ''})"
                       for n, v in meta["nodes"].items())
     print(f"job {job_id}: world size {meta['world_size']} on {where}; "
           f"rendezvous {meta['master']}", flush=True)
     if detach:
-        started = lifecycle.wait_for_ranks(jobs, cluster, job_id)
+        try:
+            started = lifecycle.wait_for_ranks(jobs, cluster, job_id, session=session)
+        finally:
+            if session is not None:
+                session.close()
         print("started: " + ", ".join(f"{n} {s}" for n, s in started.items()))
         meta = jobs.metadata(job_id)
         if meta["status"] == JobStatus.COMPLETED:
@@ -147,6 +154,8 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
         print(f"detached; follow with: inv logs {cfg.name} --follow; "
               f"stop with: inv cancel {cfg.name}")
         return
+    if session is not None:
+        session.close()
     meta = lifecycle.wait_attached(jobs, cluster, job_id)
     print(f"job {job_id}: {meta['status']}", flush=True)
     if meta.get("error"):
