@@ -61,7 +61,7 @@ def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
     """`lifecycle.reconcile` each active job among these (one whose supervisor died is brought in
     line with its nodes); returns a note for each that could not be. A job that ended so frees
     its nodes: a scheduling pass starts in the background."""
-    from .. import lifecycle, schedule, views
+    from .. import views
 
     notes = []
     freed = False
@@ -69,12 +69,16 @@ def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
         meta, damaged = views.read_object(jobs.dir(job_id) / "metadata.json")
         if damaged or not holds_nodes(meta):
             continue
+        from .. import lifecycle  # the launch path: paid only when a job may need it
+
         try:
             cluster = cluster or cluster_of(c)
             freed |= not is_active(lifecycle.reconcile(jobs, cluster, job_id).get("status"))
         except UgroError as exc:
             notes.append(f"{job_id}: not reconciled: {exc}")
     if freed:
+        from .. import schedule
+
         schedule.kick(jobs, cluster)
     return notes
 
