@@ -185,7 +185,7 @@ def test_detached_wait_reports_nodes_that_never_ran_when_the_job_fails(tmp_path,
     jobs = Jobs(tmp_path)
     job_id = begun(jobs, "d", ("a", "b"))
     jobs.finish(job_id, JobStatus.FAILED, error="two control nodes launched at once")
-    monkeypatch.setattr(lifecycle, "backend_for", lambda cluster: NoRanks())
+    monkeypatch.setattr(lifecycle, "backend_for", lambda cluster, session=None: NoRanks())
     assert lifecycle.wait_for_ranks(jobs, cluster, job_id, poll=0.01) == {
         "a": "never ran all its ranks (job FAILED)", "b": "never ran all its ranks (job FAILED)"}
 
