@@ -21,6 +21,7 @@ import pytest
 from ugro import commands, procs
 from ugro.commands import (
     EXIT_MARKER,
+    job_path,
     job_state,
     kill_all_jobs,
     kill_job,
@@ -287,7 +288,8 @@ def start(node: Node, job_id: str, argv: list[str], reap: list[int], env=None) -
 def test_start_state_kill(local, job_id, reap):
     pgid = start(local, job_id, ["sh", "-c", "echo hi; sleep 30"], reap)
     assert procs.group(pgid)
-    assert sh(job_state(local, job_id)).stdout == f"pgid={pgid} exit= alive=1 ended= stopped=0\n"
+    assert sh(job_state(local, job_id)).stdout == (
+        f"pgid={pgid} exit= alive=1 ended= stopped=0 metrics=\n")
 
     again = sh(start_job(local, job_id, ["sh", "-c", "echo hi; sleep 30"], {}))
     assert again.returncode == 17
@@ -295,7 +297,8 @@ def test_start_state_kill(local, job_id, reap):
 
     stopped = sh(kill_job(local, job_id, grace=2))
     assert stopped.stdout == "stopped\n"
-    assert sh(job_state(local, job_id)).stdout == f"pgid={pgid} exit= alive=0 ended= stopped=0\n"
+    assert sh(job_state(local, job_id)).stdout == (
+        f"pgid={pgid} exit= alive=0 ended= stopped=0 metrics=\n")
     assert procs.group(pgid) == []
 
     d = Path(local.project_path) / node_job_dir(local, job_id)
@@ -315,7 +318,11 @@ def test_watch_streams_output_and_exit_code(local, job_id, reap):
     exit_file = Path(local.project_path) / node_job_dir(local, job_id) / "exit_code"
     ended = int(exit_file.stat().st_mtime)
     assert sh(job_state(local, job_id)).stdout == (
-        f"pgid={pgid} exit=3 alive=0 ended={ended} stopped=0\n")
+        f"pgid={pgid} exit=3 alive=0 ended={ended} stopped=0 metrics=\n")
+    metrics = Path(local.project_path) / job_path(job_id, "metrics.jsonl")
+    metrics.write_text('{"step": 1}\n')
+    assert sh(job_state(local, job_id)).stdout.endswith(
+        f" metrics={int(metrics.stat().st_mtime)}\n")
 
 
 def test_watch_never_started(local, job_id):

@@ -209,7 +209,7 @@ def write_job(data, job_id, status, metrics="", logs=None):
     return d
 
 
-def test_progress_reads_a_torn_tail_and_flags_a_stall(tmp_path):
+def test_progress_reads_a_torn_tail_and_shows_the_supervisors_stall_flag(tmp_path):
     import os
 
     d = write_job(tmp_path, "exp_20260101_000000", "RUNNING",
@@ -220,9 +220,14 @@ def test_progress_reads_a_torn_tail_and_flags_a_stall(tmp_path):
     p = progress.job_progress(Jobs(tmp_path), "exp_20260101_000000", now)
     assert (p["step"], p["loss"], p["samples_per_sec"], p["stalled"]) == (2, 2.5, 9.5, False)
     assert set(p["log_age_s"]) == {"lab0", "lab1"}
-    p = progress.job_progress(Jobs(tmp_path), "exp_20260101_000000",
-                              now + progress.STALL_AFTER)
-    assert p["stalled"] is True
+    # Silence alone is not a stall here: only the job's supervisor decides one.
+    p = progress.job_progress(Jobs(tmp_path), "exp_20260101_000000", now + 86400)
+    assert p["stalled"] is False and p["quiet_s"] > 86400
+    meta = json.loads((d / "metadata.json").read_text())
+    meta["stalled_since"] = "2026-01-01T00:10:00+00:00"
+    (d / "metadata.json").write_text(json.dumps(meta))
+    p = progress.job_progress(Jobs(tmp_path), "exp_20260101_000000", now)
+    assert (p["stalled"], p["stalled_since"]) == (True, "2026-01-01T00:10:00+00:00")
     assert progress.log_tail(d, "lab1") == [{"node": "lab1", "rank": 1, "text": "hi"}]
 
 

@@ -265,10 +265,12 @@ def watch_job(node: Node, job_id: str, poll: float = 0.2) -> str:
 
 
 def job_state(node: Node, job_id: str) -> str:
-    """Print `pgid=… exit=… alive=0|1 ended=… stopped=…` for the job on this node.
+    """Print `pgid=… exit=… alive=0|1 ended=… stopped=… metrics=…` for the job on this node.
 
     `ended` is when the exit code was written (seconds since the epoch; empty while it
-    runs), `stopped` how many of its processes are stopped (SIGSTOP: hung for good).
+    runs), `stopped` how many of its processes are stopped (SIGSTOP: hung for good),
+    `metrics` when the job's metrics.jsonl last changed here (empty when it has none): a
+    script that logs metrics without printing is not silent.
     """
     d = node_job_dir(node, job_id)
     return in_project(
@@ -276,10 +278,11 @@ def job_state(node: Node, job_id: str) -> str:
         f"D={q(d)}; J={q(job_id)}; N={q(node.name)}; "
         'P=$(cat "$D/pgid" 2>/dev/null); E=$(cat "$D/exit_code" 2>/dev/null)' + _ALIVE + _TAGGED
         + "\nA=0; if alive || [ -n \"$(tagged)\" ]; then A=1; fi; "
-        'T=$(stat -c %Y "$D/exit_code" 2>/dev/null); S=0; '
+        'T=$(stat -c %Y "$D/exit_code" 2>/dev/null); '
+        f'W=$(stat -c %Y {q(job_path(job_id, "metrics.jsonl"))} 2>/dev/null); S=0; '
         'for p in $(tagged); do read -r l 2>/dev/null <"/proc/$p/stat" || continue; '
         'set -- ${l##*) }; [ "$1" = T ] && S=$((S+1)); done; '
-        'echo "pgid=$P exit=$E alive=$A ended=$T stopped=$S"',
+        'echo "pgid=$P exit=$E alive=$A ended=$T stopped=$S metrics=$W"',
     )
 
 

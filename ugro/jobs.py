@@ -203,6 +203,19 @@ class Jobs:
 
         return self._update(job_id, change)
 
+    def mark_stalled(self, job_id: str, since: str) -> dict:
+        """Flag a running job stalled, silent since `since`; a job no longer running is left
+        as it is (its end raced the flag)."""
+        def change(meta):
+            if JobStatus.parse(meta.get("status")) is JobStatus.RUNNING:
+                meta["stalled_since"] = since
+
+        return self._update(job_id, change)
+
+    def clear_stalled(self, job_id: str) -> dict:
+        """The job printed or logged again: plain running."""
+        return self._update(job_id, lambda meta: meta.pop("stalled_since", None))
+
     def set_supervisor(self, job_id: str, pid: int) -> dict:
         return self._update(job_id, lambda meta: meta.update(supervisor_pid=pid))
 

@@ -45,9 +45,12 @@ class NodeLog:
         self.lock = threading.Lock()
         self.lost_lines = 0  # lines the file could not take (a full disk): the gap
         self.write_error: str | None = None
+        self.last_data = time.monotonic()  # when the node last sent output: a stall's clock
 
     def write(self, data: str) -> None:
         with self.lock:
+            if data:
+                self.last_data = time.monotonic()
             self.buffer += data
             *lines, self.buffer = self.buffer.split("\n")
             self._emit(lines)

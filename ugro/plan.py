@@ -28,6 +28,20 @@ RANK_PREFIX = "[rank${rank}]:"  # torchrun's per-line prefix template
 
 HYPERPARAMETERS = ("epochs", "lr", "model", "dataset", "batch_size")
 MODULE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+STALL_AFTER = 600.0  # seconds of silence (no output, no metric) before a running job is stalled
+ON_STALL = ("flag", "cancel")  # what the supervisor does with a stalled job
+DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|m|h)?\s*$")
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, None: 1}
+
+
+def parse_duration(option: str, value) -> float:
+    """Seconds from `90s`, `10m`, `1.5h` or a plain number of seconds; > 0 and at most a week."""
+    m = DURATION_RE.match(str(value))
+    seconds = float(m.group(1)) * UNIT_SECONDS[m.group(2)] if m else 0.0
+    if not 0 < seconds <= 7 * 86400:
+        raise UgroError(f"--{option}: expected a duration such as 90s, 10m or 1h (more than 0, "
+                        f"at most a week), got {value!r}")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,8 @@ class LaunchConfig:
     resume: bool = False
     script_args: tuple[str, ...] = ()
     grace: float = 3.0
+    stall_after: float = STALL_AFTER  # the supervisor flags the job after this much silence
+    on_stall: str = "flag"  # or "cancel": stop the job, FAILED "stalled"
     # The queue's requests (`ugro.schedule` checks and resolves them).
     queue: bool = False
     num_nodes: int | None = None
@@ -70,6 +86,11 @@ class LaunchConfig:
             raise UgroError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.nproc_per_node is not None and self.nproc_per_node < 1:
             raise UgroError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
+        if not (math.isfinite(self.stall_after) and self.stall_after > 0):
+            raise UgroError(f"--stall-after must be a duration > 0, got {self.stall_after}")
+        if self.on_stall not in ON_STALL:
+            raise UgroError(f"--on-stall: expected {' or '.join(ON_STALL)}, "
+                            f"got {self.on_stall!r}")
         if self.script.startswith("-m"):
             if not MODULE_RE.match(self.module or ""):
                 raise UgroError(f"--script {self.script!r}: expected -m package.module")
@@ -103,6 +124,9 @@ class LaunchConfig:
             extra = tuple(shlex.split(options.get("script_args") or ""))
         except ValueError as exc:
             raise UgroError(f"--script-args: {exc}") from None
+        stall_after = options.get("stall_after")
+        if stall_after is None:
+            stall_after = defaults.get("stall_after")
         script = pick("script", str, defaults) or "scripts/train_single_test.py"
         own = scripts.get(script) or {}
         return cls(
@@ -118,6 +142,9 @@ class LaunchConfig:
             detach=bool(options.get("detach")),
             resume=bool(options.get("resume")),
             script_args=extra,
+            stall_after=(STALL_AFTER if stall_after is None
+                         else parse_duration("stall-after", stall_after)),
+            on_stall=options.get("on_stall") or defaults.get("on_stall") or "flag",
         )
 
     def script_argv(self) -> list[str]:

@@ -96,6 +96,14 @@ def holds_nodes(meta: dict) -> bool:
                (NodeStatus.CANCEL_PENDING, NodeStatus.LOST) for f in nodes.values())
 
 
+def is_stalled(meta: dict) -> bool:
+    """A running job whose supervisor found it silent for its `stall_after` (its record's
+    `stalled_since`). The job stays RUNNING, active and holding its nodes: a stall is a flag on
+    a running job, not a state of its own, and it clears when the job prints again."""
+    return (isinstance(meta, dict) and bool(meta.get("stalled_since"))
+            and JobStatus.parse(meta.get("status")) is JobStatus.RUNNING)
+
+
 @dataclass(frozen=True)
 class Failure:
     """The first node that failed a job, as the record keeps it (`metadata.json` `failure`)."""
@@ -121,6 +129,7 @@ class NodeState:
     error: str | None = None  # the node could not be asked
     ended_at: float | None = None  # when the exit code was written (epoch seconds)
     stopped: int = 0  # processes of the job that are stopped (SIGSTOP)
+    metrics_at: float | None = None  # when its metrics.jsonl last changed, by the node's clock
 
     @property
     def reachable(self) -> bool:

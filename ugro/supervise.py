@@ -7,6 +7,11 @@ how its processes are every few seconds, stops the other nodes as soon as one
 fails or falls silent for `cluster.lost_after` seconds, and writes the final
 record. Each node's stream and questions run in threads of their own, so a
 node whose sshd hangs holds up nothing: it is declared lost on time.
+
+It also notices a job that is alive but silent: no node has sent output and no
+node's metrics.jsonl has changed for the job's `stall_after`. Such a job is
+flagged stalled in its record (still RUNNING, still holding its nodes) until it
+prints again, or, with `--on-stall cancel`, stopped and FAILED "stalled".
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from .config import Cluster, Node, load_cluster
 from .errors import UgroError
 from .jobs import Jobs, now, validate_name
 from .logs import NodeLog, first_error
+from .plan import STALL_AFTER
 from .state import Failure, JobStatus, NodeStatus, exit_code_int
 
 RECORD_RETRY = 30.0  # seconds to keep retrying a record the control node cannot write
@@ -49,6 +55,21 @@ class Supervisor:
         self.frozen_since: dict[str, float] = {}
         self.gaps: dict[str, str] = {}
         self.every = max(0.2, min(2.0, cluster.lost_after / 4))
+        launch = self._launch_settings()
+        self.stall_after = float(launch.get("stall_after") or STALL_AFTER)
+        self.on_stall = launch.get("on_stall") or "flag"
+        self.sinks: dict[str, NodeLog] = {}
+        self.metrics_at: dict[str, float | None] = {}  # each node's metrics.jsonl mtime, as seen
+        self.active_at = time.monotonic()  # the last metrics change seen (output: in `sinks`)
+        self.stalled = bool(meta.get("stalled_since"))
+        self.stop_reason: str | None = None  # why the supervisor itself stopped the job
+
+    def _launch_settings(self) -> dict:
+        try:
+            launch = self.jobs.config(self.job_id).get("launch")
+        except UgroError:
+            return {}
+        return launch if isinstance(launch, dict) else {}
 
     def run(self) -> dict:
         logs_dir = self.jobs.dir(self.job_id) / "logs"
@@ -77,6 +98,7 @@ class Supervisor:
     def _watch(self, streams: Backend, node: Node, logs_dir: Path) -> None:
         """Stream one node's output home until its exit marker."""
         sink = NodeLog(logs_dir / f"{node.name}.log", node.name)
+        self.sinks[node.name] = sink
         try:
             error = streams.stream(node, self.job_id, sink)
         finally:
@@ -101,6 +123,9 @@ class Supervisor:
                         self.frozen_since.setdefault(node.name, time.monotonic())
                     else:
                         self.frozen_since.pop(node.name, None)
+                    if state.metrics_at != self.metrics_at.get(node.name):
+                        self.metrics_at[node.name] = state.metrics_at
+                        self.active_at = time.monotonic()
                     if node.name in self.unstreamed and not state.alive:
                         self._ended(node, state.exit_code or "killed", None, None)
                 self.changed.set()
@@ -126,6 +151,52 @@ class Supervisor:
                     self._ended(node, "hung", None,
                                 f"{node.name}: the job's processes are stopped (SIGSTOP) "
                                 f"for {frozen:.0f}s", killer)
+            if len(self.codes) < len(self.nodes):
+                self._check_stall(killer, time.monotonic())
+
+    def _quiet(self, t: float) -> float | None:
+        """Seconds since any node sent output or changed its metrics; None while a node's
+        stream is down (its output cannot be seen, so its silence means nothing)."""
+        with self.lock:
+            if self.unstreamed - set(self.codes):
+                return None
+        return t - max([self.active_at] + [s.last_data for s in list(self.sinks.values())])
+
+    def _check_stall(self, killer: Backend, t: float) -> None:
+        """Flag the job stalled once silent for `stall_after`, unflag it when it speaks again;
+        with `on_stall: cancel`, stop it instead of waiting."""
+        quiet = self._quiet(t)
+        if quiet is None or self.stop_reason or self._cancel_requested():
+            return
+        if quiet >= self.stall_after and not self.stalled:
+            since = iso(time.time() - quiet)
+            self.stalled = self._note(lambda: self.jobs.mark_stalled(self.job_id, since))
+            say(f"{self.job_id}: stalled: no output or metric for {quiet:.0f}s")
+            if self.on_stall == "cancel":
+                self._stop_stalled(killer, quiet)
+        elif quiet < self.stall_after and self.stalled:
+            self.stalled = not self._note(lambda: self.jobs.clear_stalled(self.job_id))
+            say(f"{self.job_id}: no longer stalled")
+
+    def _stop_stalled(self, killer: Backend, quiet: float) -> None:
+        with self.lock:
+            if self.failure is not None:
+                return
+            self.stop_reason = (f"stalled: no output or metric for {quiet:.0f}s "
+                                f"(--stall-after {self.stall_after:g}s, --on-stall cancel); "
+                                "stopped on every node")
+            others = [n for n in self.nodes if n.name not in self.codes]
+        killer.stop(others, self.job_id, self.grace)
+
+    def _note(self, write) -> bool:
+        """A record change that may fail (a full disk, a damaged record) without ending the
+        supervision; False when it did not happen (the next poll tries again)."""
+        try:
+            write()
+        except UgroError as exc:
+            say(str(exc))
+            return False
+        return True
 
     def _ended(self, node: Node, code: str, sink: NodeLog | None, why: str | None,
                killer: Backend | None = None) -> None:
@@ -140,7 +211,7 @@ class Supervisor:
     def _failed(self, killer: Backend | None, node: Node, code: str, sink: NodeLog | None,
                 why: str | None):
         with self.lock:
-            if self.failure is not None or self._cancel_requested():
+            if self.failure is not None or self.stop_reason or self._cancel_requested():
                 return
             rank = sink.failed_rank if sink else None
             where = f"{node.name} rank {rank}" if rank is not None else node.name
@@ -181,7 +252,8 @@ class Supervisor:
             elif code == "lost":
                 facts["status"] = NodeStatus.CANCEL_PENDING if cancelled else NodeStatus.LOST
             else:
-                facts["status"] = NodeStatus.CANCELLED if cancelled else NodeStatus.FAILED
+                facts["status"] = (NodeStatus.CANCELLED if cancelled or self.stop_reason
+                                   else NodeStatus.FAILED)
             if node.name in self.gaps:
                 facts["log_gap"] = self.gaps[node.name]
             nodes[node.name] = facts
@@ -193,6 +265,9 @@ class Supervisor:
             meta = self.jobs.metadata(self.job_id)
             return self.jobs.cancel_outcome(self.job_id, stops,
                                             meta.get("cancel_reason") or "cancelled")
+        if self.stop_reason:
+            return self.jobs.finish(self.job_id, JobStatus.FAILED, error=self.stop_reason,
+                                    nodes=nodes, ended_at=self.ended_at)
         if self.failure:
             return self.jobs.finish(self.job_id, JobStatus.FAILED, failure=self.failure,
                                     error=self.failure.summary, nodes=nodes,

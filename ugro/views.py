@@ -22,7 +22,7 @@ from . import store
 from .errors import UgroError
 from .jobs import Jobs, job_name
 from .metrics import MetricPoint, load_metrics, parse_jsonl, sparkline, summarize
-from .state import JobStatus, is_active
+from .state import JobStatus, is_active, is_stalled
 
 STATUSES = tuple(s.value for s in JobStatus)
 STATE_MAX_AGE = 300.0  # seconds a saved health check still counts as recent for `inv status`
@@ -30,7 +30,7 @@ RECENT_JOBS = 5
 TAIL_LINES = 10  # of a failed node's log, on the results screen
 # LaunchConfig fields that say how to run a job, not what it computes.
 NOT_HYPERPARAMETERS = ("name", "detach", "grace", "queue", "num_nodes", "min_gpu_mem",
-                       "priority", "after")
+                       "priority", "after", "stall_after", "on_stall")
 LABELS = {"duration_s": "duration", "final_loss": "final loss", "best_loss": "best loss",
           "samples_per_sec": "samples/s", "world_size": "world size"}
 
@@ -216,18 +216,36 @@ def job_row(rec: JobRecord, now: datetime) -> dict:
         "steps": m["steps"],
         "final_loss": m["final_loss"],
         "error": meta.get("error"),
+        **stall(meta),
         "damaged": rec.damaged,
     }
 
 
+def stall(meta: dict) -> dict:
+    """Whether the job's supervisor flags it stalled, and since when it has been silent."""
+    return {"stalled": is_stalled(meta),
+            "stalled_since": meta.get("stalled_since") if is_stalled(meta) else None}
+
+
 def status_filter(status: str | None) -> str | None:
-    """The job status `--status` asks for, checked; None for every status."""
+    """The job status `--status` asks for, checked (STALLED, a flag on RUNNING jobs, is asked
+    for like a status); None for every status."""
     if status is None:
         return None
     wanted = status.upper()
-    if wanted not in STATUSES:
-        raise UgroError(f"--status {status}: not a job status ({', '.join(STATUSES)})")
+    if wanted != "STALLED" and wanted not in STATUSES:
+        raise UgroError(f"--status {status}: not a job status ({', '.join(STATUSES)}, "
+                        "or STALLED)")
     return wanted
+
+
+def filter_rows(rows: list[dict], status: str | None) -> list[dict]:
+    wanted = status_filter(status)
+    if wanted is None:
+        return rows
+    if wanted == "STALLED":
+        return [r for r in rows if r["stalled"]]
+    return [r for r in rows if r["status"] == wanted]
 
 
 def queue(metas: list[dict], now: datetime) -> list[dict]:
@@ -274,6 +292,7 @@ def progress(rec: JobRecord, now: datetime) -> dict:
         "step": m["steps"],
         "loss": last_loss,
         "elapsed_s": duration(rec.meta, now),
+        **stall(rec.meta),
         "damaged": rec.damaged,
     }
 
@@ -292,10 +311,18 @@ def state_is_recent(state: dict, cluster: str, now: datetime,
 
 def status(state: dict, running: list[JobRecord], history: list[dict], now: datetime,
            refreshed: bool = False, notes: list[str] | None = None,
-           queued: list[dict] | None = None) -> dict:
-    """The whole cluster at a glance, for `inv status`."""
+           queued: list[dict] | None = None, sampled: tuple[dict, list[dict]] | None = None
+           ) -> dict:
+    """The whole cluster at a glance, for `inv status`.
+
+    The nodes come from the saved health check, or, with `sampled` (where they came from,
+    and their rows), from a running monitor's latest sample.
+    """
     nodes = state.get("nodes") if isinstance(state.get("nodes"), list) else []
+    rows = sampled[1] if sampled else [_node_row(n) for n in nodes if isinstance(n, dict)]
     return {
+        "now": now.isoformat(),
+        "source": sampled[0] if sampled else {"from": "health check"},
         "health": {
             "cluster": state.get("cluster"),
             "checked_at": state.get("checked_at"),
@@ -303,7 +330,7 @@ def status(state: dict, running: list[JobRecord], history: list[dict], now: date
             "refreshed": refreshed,
             "drift": state.get("drift") or [],
         },
-        "nodes": [_node_row(n) for n in nodes if isinstance(n, dict)],
+        "nodes": rows,
         "running": [progress(r, now) for r in running],
         "queued": queued or [],
         "recent": [{**e, "duration_s": duration(e, now)} for e in history[:RECENT_JOBS]],
@@ -444,7 +471,8 @@ def jobs_text(rows: list[dict]) -> str:
     if not rows:
         return "no jobs"
     table = [
-        [r["job_id"], r["status"] or "?", _local(r["started_at"]), _duration(r["duration_s"]),
+        [r["job_id"], ("STALLED" if r["stalled"] else r["status"]) or "?",
+         _local(r["started_at"]), _duration(r["duration_s"]),
          ",".join(r["nodes"]) or "-", r["world_size"], r["steps"], r["final_loss"], _note(r)]
         for r in rows
     ]
@@ -454,18 +482,24 @@ def jobs_text(rows: list[dict]) -> str:
 
 
 def status_text(view: dict) -> str:
-    h = view["health"]
-    if h["refreshed"]:
+    h, source = view["health"], view.get("source") or {}
+    if source.get("from") == "monitor":
+        when = (f"from inv monitor's sample {_duration(source['age_s'])} old; "
+                "inv status --refresh to check health now")
+    elif h["refreshed"]:
         when = "health checked just now"
     else:
         when = (f"health checked {_duration(h['age_s'])} ago; "
                 "inv status --refresh to check now")
-    out = [f"Nodes ({h['cluster'] or '?'}, {when})"]
+    sampled = source.get("from") == "monitor"
+    out = [f"Nodes ({source.get('cluster') or h['cluster'] or '?'}, {when})"]
     rows = []
     for n in view["nodes"]:
         gpus = n["gpus"]
         rows.append([
-            n["node"], n["address"], "ok" if n["healthy"] else "UNHEALTHY",
+            n["node"], n["address"],
+            ("up" if n["healthy"] else "DOWN") if sampled else
+            ("ok" if n["healthy"] else "UNHEALTHY"),
             "\n".join(f"{g['index']}: {g['name']}" for g in gpus) or "-",
             "\n".join(_memory(g) for g in gpus) or "-",
             "\n".join(_pct(g["utilization_pct"]) for g in gpus) or "-",
@@ -479,8 +513,8 @@ def status_text(view: dict) -> str:
     out.append("\nRunning jobs")
     if view["running"]:
         out.append(tabulate(
-            [[r["job_id"], r["status"], ",".join(r["nodes"]), _fmt(r["world_size"]),
-              _progress(r), _loss(r["loss"]), _duration(r["elapsed_s"])]
+            [[r["job_id"], _status(r, view.get("now")), ",".join(r["nodes"]),
+              _fmt(r["world_size"]), _progress(r), _loss(r["loss"]), _duration(r["elapsed_s"])]
              for r in view["running"]],
             headers=["job", "status", "nodes", "world", "progress", "loss", "elapsed"],
             tablefmt="simple", disable_numparse=True))
@@ -641,6 +675,15 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def _status(r: dict, now: str | None) -> str:
+    """A running job's status cell: `STALLED, silent 12m 05s` for a stalled one."""
+    if not r["stalled"]:
+        return r["status"]
+    since, at = _when(r["stalled_since"]), _when(now)
+    silent = _duration((at - since).total_seconds()) if since and at else "?"
+    return f"STALLED, silent {silent}"
 
 
 def _progress(r: dict) -> str:

@@ -20,7 +20,8 @@ from . import Fetched, Sink
 if TYPE_CHECKING:
     from ..plan import NodePlan
 
-STATE_RE = re.compile(r"pgid=(\d*) exit=(\S*) alive=([01]) ended=(\d*) stopped=(\d+)")
+STATE_RE = re.compile(r"pgid=(\d*) exit=(\S*) alive=([01]) ended=(\d*) stopped=(\d+)"
+                      r"(?: metrics=(\d*))?")
 
 
 class SSHBackend:
@@ -59,7 +60,8 @@ class SSHBackend:
                 out[name] = NodeState(pgid=int(m.group(1)) if m.group(1) else None,
                                       exit_code=m.group(2) or None, alive=m.group(3) == "1",
                                       ended_at=float(m.group(4)) if m.group(4) else None,
-                                      stopped=int(m.group(5)))
+                                      stopped=int(m.group(5)),
+                                      metrics_at=float(m.group(6)) if m.group(6) else None)
             else:
                 out[name] = NodeState(error=a.error or a.stderr.strip() or "no answer")
         return out

@@ -86,7 +86,8 @@ class MonitorCollector(Collector):
         step = _gauge("ugro_job_step", "Latest training step.", labels)
         loss = _gauge("ugro_job_loss", "Latest training loss.", labels)
         rate = _gauge("ugro_job_samples_per_second", "Latest training throughput.", labels)
-        stalled = _gauge("ugro_job_stalled", "1 when a running job has gone quiet.", labels)
+        stalled = _gauge("ugro_job_stalled", "1 while the job's supervisor flags it stalled "
+                         "(no output or metric for its --stall-after).", labels)
         quiet = _gauge("ugro_job_log_age_seconds", "Age of the node's last log line.",
                        labels + ["node"])
         for job_id, r in snap.jobs.items():

@@ -3,7 +3,8 @@
 Only the tail of `metrics.jsonl` and of each `logs/<node>.log` is read: a day-long job's files
 are large, and the monitor looks every few seconds. A torn or garbage line costs that line only
 (`metrics.parse_jsonl`, `metrics.parse_log_line`). The age of a node's last log line is its log
-file's modification time: the supervisor appends every line as it arrives.
+file's modification time: the supervisor appends every line as it arrives. Whether a job is
+stalled is its supervisor's call (`stalled_since` in its record), shown here as it is.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from .. import views
 from ..jobs import Jobs
 from ..logs import LogLine, parse_line
 from ..metrics import MetricPoint, parse_jsonl, parse_log_line
-from ..state import JobStatus, is_active
+from ..state import JobStatus, is_active, is_stalled
 
 TAIL_BYTES = 64 * 1024
-STALL_AFTER = 300.0  # seconds without a new log line or metric before a running job is stalled
 RECENT = 10  # finished jobs the monitor keeps reporting
 
 
@@ -79,7 +79,8 @@ def _timestamp(text) -> float | None:
 
 
 def job_progress(jobs: Jobs, job_id: str, now: float) -> dict:
-    """One job's progress record: status, latest step/loss/rate, log age per node, stalled."""
+    """One job's progress record: status, latest step/loss/rate, log age per node, and
+    whether its supervisor flagged it stalled."""
     d = jobs.dir(job_id)
     meta, damaged = views.read_object(d / "metadata.json")
     status = meta.get("status")
@@ -109,8 +110,8 @@ def job_progress(jobs: Jobs, job_id: str, now: float) -> dict:
         "samples_per_sec": _finite(point.samples_per_sec) if point else None,
         "log_age_s": log_age,
         "quiet_s": None if since is None else round(since, 1),
-        "stalled": bool(JobStatus.parse(status) is JobStatus.RUNNING
-                        and since is not None and since > STALL_AFTER),
+        "stalled": is_stalled(meta),
+        "stalled_since": meta.get("stalled_since") if is_stalled(meta) else None,
         "reason": meta.get("reason") or meta.get("error") if is_queued(status) else None,
     }
 

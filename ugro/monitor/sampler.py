@@ -92,7 +92,8 @@ class NodeWatcher:
 
 
 class JobWatcher:
-    """Records the progress of the active and recent jobs every `interval` seconds."""
+    """Records the progress of the active and recent jobs every `interval` seconds, and that
+    the monitor is alive (`Series.beat`: `inv status` answers from the samples while it is)."""
 
     def __init__(self, data_dir, series: Series, interval: float, stop: threading.Event,
                  clock: Callable[[], float] = time.time):
@@ -119,6 +120,7 @@ class JobWatcher:
     def run(self) -> None:
         while not self.stop.is_set():
             self.sample_once()
+            self.series.beat(self.clock(), self.interval)
             self.stop.wait(self.interval)
 
 

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS job (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, job_id TEXT NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS job_by_id ON job (job_id, ts);
 CREATE INDEX IF NOT EXISTS job_by_ts ON job (ts);
+CREATE TABLE IF NOT EXISTS monitor (key TEXT PRIMARY KEY, value REAL NOT NULL);
 """
 GPU_COLUMNS = ("idx", "uuid", "name", "memory_total_mib", "memory_used_mib", "utilization_pct",
                "temperature_c", "power_w")
@@ -56,9 +57,16 @@ class Snapshot:
     now: float
     nodes: dict[str, NodeSample] = field(default_factory=dict)
     jobs: dict[str, dict] = field(default_factory=dict)  # a job's latest progress record
+    interval: float | None = None  # the monitor's --interval
+    beat: float | None = None  # when the monitor last finished a round (it runs while recent)
 
     def age(self, sample_ts: float) -> float:
         return max(0.0, self.now - sample_ts)
+
+    def is_fresh(self, intervals: float = 3.0) -> bool:
+        """Whether the monitor is running: its last round is younger than a few intervals."""
+        return (self.beat is not None and self.interval is not None
+                and self.age(self.beat) <= intervals * self.interval)
 
 
 class Series:
@@ -102,6 +110,12 @@ class Series:
         with self._lock, self._db:
             self._db.execute("INSERT INTO job (ts, job_id, data) VALUES (?, ?, ?)",
                              (ts, record["job_id"], json.dumps(record, default=str)))
+
+    def beat(self, ts: float, interval: float) -> None:
+        """Note that the monitor, sampling every `interval` seconds, is alive at `ts`."""
+        with self._lock, self._db:
+            self._db.executemany("INSERT OR REPLACE INTO monitor (key, value) VALUES (?, ?)",
+                                 [("beat", ts), ("interval", interval)])
 
     def _maybe_prune(self, now: float) -> None:
         if now - self._pruned < PRUNE_EVERY:
@@ -170,14 +184,20 @@ def read_latest(db: sqlite3.Connection, now: float) -> Snapshot:
                         "(SELECT max(id) FROM job GROUP BY job_id)"):
         record = json.loads(r["data"])
         snap.jobs[record["job_id"]] = record
+    try:
+        facts = dict(db.execute("SELECT key, value FROM monitor").fetchall())
+    except sqlite3.OperationalError:  # written by a monitor from before the table existed
+        facts = {}
+    snap.beat, snap.interval = facts.get("beat"), facts.get("interval")
     return snap
 
 
 def latest(data_dir: Path, now: float | None = None) -> Snapshot | None:
     """The monitor's latest sample of every node and job, read-only; None when it never ran.
 
-    For other processes (`inv status`, the supervisor's stall check): each sample carries its
-    own `ts`, so `snapshot.age(sample.ts)` says how old it is.
+    For other processes (`inv status`): each sample carries its own `ts`, so
+    `snapshot.age(sample.ts)` says how old it is, and `snapshot.is_fresh()` whether the
+    monitor still runs.
     """
     path = db_path(data_dir)
     if not path.is_file():

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from invoke import Context
+from invoke import Context, Task
 from invoke.exceptions import Exit
 
 from ..errors import UgroError
@@ -63,6 +63,14 @@ def cli(fn):
             raise Exit(f"ugro: {where}{exc.strerror or exc}", code=1) from None
 
     return wrapper
+
+
+class LetterFlags(Task):
+    """A task whose automatic short flags are letters only: Invoke would give an option whose
+    first letters are taken the flag `--` (launch's `--on-stall`, shown as `--=STRING`)."""
+
+    def arg_opts(self, name, default, taken_names):
+        return super().arg_opts(name, default, taken_names | {"-"})
 
 
 def positive(option: str, value, default: float | None = None) -> float | None:

@@ -11,7 +11,7 @@ from invoke.exceptions import Exit
 
 from ..errors import UgroError
 from ..state import JobStatus, is_active
-from .common import ROOT, cli, cluster_of, positive, print_json, project_path
+from .common import ROOT, LetterFlags, cli, cluster_of, positive, print_json, project_path
 
 if TYPE_CHECKING:
     from ..jobs import Jobs
@@ -54,6 +54,7 @@ def launch_defaults(c) -> tuple[dict, dict]:
 
 
 @task(
+    klass=LetterFlags,
     help={
         "name": "job name (letters, digits, '.', '_', '-'); the job id adds a timestamp",
         "epochs": "training epochs (passed to the script as --epochs; UGRO passes a script only "
@@ -72,6 +73,10 @@ def launch_defaults(c) -> tuple[dict, dict]:
         "script_args": "extra arguments for the script, as one quoted string",
         "sync": "run `inv sync` to every node first (default: launch.sync in "
                 "config/training_defaults.yaml, off)",
+        "stall_after": "flag the job STALLED after this long with no output and no metric "
+                       "from any rank (90s, 10m, 1h; default 10m)",
+        "on_stall": "what a stall does: flag (the default: shown in inv status, the job runs "
+                    "on) or cancel (stop it: FAILED, \"stalled\")",
         "queue": "start now if the nodes are free, else wait in the queue (see inv queue)",
         "num_nodes": "with --queue: any K healthy nodes instead of every node",
         "min_gpu_mem": "with --queue: only nodes whose GPUs have this much memory (10G, 9500M)",
@@ -83,8 +88,8 @@ def launch_defaults(c) -> tuple[dict, dict]:
 @cli
 def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_size=None,
            script=None, nodes=None, nproc_per_node=None, detach=False, resume=False,
-           script_args=None, sync=False, queue=False, num_nodes=None, min_gpu_mem=None,
-           priority=None, after=None):
+           script_args=None, stall_after=None, on_stall=None, sync=False, queue=False,
+           num_nodes=None, min_gpu_mem=None, priority=None, after=None):
     """Run a distributed torchrun training job on the cluster's nodes (or queue it)."""
     from .. import lifecycle, schedule, views
     from ..cluster import Session
@@ -95,7 +100,8 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
     cfg = LaunchConfig.from_options(
         defaults, scripts, name=name, epochs=epochs, lr=lr, model=model, dataset=dataset,
         batch_size=batch_size, script=script, nodes=nodes, nproc_per_node=nproc_per_node,
-        detach=detach, resume=resume, script_args=script_args,
+        detach=detach, resume=resume, script_args=script_args, stall_after=stall_after,
+        on_stall=on_stall,
     )
     asked = [f"--{k.replace('_', '-')}" for k, v in (
         ("num_nodes", num_nodes), ("min_gpu_mem", min_gpu_mem), ("priority", priority),

@@ -218,9 +218,15 @@ def list_jobs(c, name=None, status=None, limit=None, all=False, json=False):
     # comes from its history line, so choosing the rows to show reads no job's files.
     notes = reconcile(c, jobs, [j for j in ids if j not in released])
     if wanted is not None:
-        ids = [j for j in ids if (summaries[j]["status"] if j in released
-                                  else views.read_object(jobs.dir(j) / "metadata.json")[0]
-                                  .get("status")) == wanted]
+        def matches(job_id: str) -> bool:
+            if job_id in released:  # ended: its history line has its status
+                return summaries[job_id]["status"] == wanted
+            meta = views.read_object(jobs.dir(job_id) / "metadata.json")[0]
+            if wanted == "STALLED":
+                return views.stall(meta)["stalled"]
+            return meta.get("status") == wanted
+
+        ids = [j for j in ids if matches(j)]
     shown = ids if limit is None else ids[:limit]
     now = views.utcnow()
     rows = [views.job_row(views.load(jobs, j), now) for j in shown]
@@ -252,13 +258,15 @@ def compare(c, first, second, json=False):
 
 # -- status ----------------------------------------------------------------------
 @task(help={
-    "refresh": "check the nodes' health now instead of using a recent check",
+    "refresh": "check the nodes' health now instead of using a recent check or the "
+               "monitor's latest sample",
     "json": "print the status as JSON",
 })
 @cli
 def status(c, refresh=False, json=False):
     """Show the nodes and their GPUs, running jobs with their progress, and recent jobs."""
     from .. import health, lifecycle, views
+    from ..monitor import status as monitor_status
 
     cluster = cluster_of(c)
     jobs = jobs_of(c)
@@ -267,7 +275,13 @@ def status(c, refresh=False, json=False):
     state_file = data_dir / "cluster_state.json"
     state, _ = views.read_object(state_file)
     now = views.utcnow()
-    fresh = refresh or not views.state_is_recent(state, cluster.name, now)
+    # A running monitor sampled every node seconds ago: show that, and probe nothing.
+    snap = None if refresh else monitor_status.fresh_snapshot(data_dir, cluster.nodes)
+    sampled = None
+    if snap is not None:
+        sampled = ({**monitor_status.source(snap, cluster.nodes), "cluster": cluster.name},
+                   monitor_status.node_rows(snap, cluster.nodes))
+    fresh = snap is None and (refresh or not views.state_is_recent(state, cluster.name, now))
     if fresh:
         reports = health.check(cluster)
         health.save(data_dir, project_path(c, "log_dir"), cluster, reports)
@@ -287,7 +301,7 @@ def status(c, refresh=False, json=False):
         elif rec.status == JobStatus.CANCELLING or not is_active(rec.status):
             notes.append(f"{rec.job_id}: {lifecycle.held_as(rec.meta)}: {rec.meta.get('error')}")
     queued = views.queue([r.meta for r in active if not r.damaged], views.utcnow())
-    view = views.status(state, running, history, views.utcnow(), fresh, notes, queued)
+    view = views.status(state, running, history, views.utcnow(), fresh, notes, queued, sampled)
     show(view, views.status_text, json, [])  # status shows its notes itself
 
 
