@@ -36,6 +36,7 @@ class Sizes:
     sync_first_nodes: int = 4
     sync_tree_mb: int = 50
     log_lines: int = 100_000
+    history_jobs: int = 10_000
     warm_up: bool = True
 
 
@@ -44,7 +45,7 @@ SIZES = {
     # Runs every section in well under a minute of a 2-core machine; its figures are cold
     # (no warm-up) and not comparable with a full run's.
     "tiny": Sizes(launch_nodes=2, sync_nodes=2, sync_first_nodes=2, sync_tree_mb=1,
-                  log_lines=1_000, warm_up=False),
+                  log_lines=1_000, history_jobs=200, warm_up=False),
 }
 
 

@@ -32,13 +32,13 @@ sys.path[:0] = [str(_ROOT), str(_ROOT / "tests")]
 
 from benchmarks.bench import SIZES, Bench, say  # noqa: E402
 from benchmarks.measure import CELL_BUDGET_S, ROOT  # noqa: E402
-from benchmarks.sections import cancel, cli, health, launch, logs, sync  # noqa: E402
+from benchmarks.sections import cancel, cli, health, history, launch, logs, sync  # noqa: E402
 from benchmarks.sections.jobs import LAUNCH_BUDGET_S  # noqa: E402
 from benchmarks.sections.logs import LOGS_BUDGET_S  # noqa: E402
 from benchmarks.tables import Section, mark, table  # noqa: E402
 
 SECTIONS = {"health": health, "cli": cli, "launch": launch, "cancel": cancel, "sync": sync,
-            "logs": logs}
+            "logs": logs, "history": history}
 
 
 def run_sections(bench: Bench) -> list[Section]:

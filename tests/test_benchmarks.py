@@ -50,7 +50,8 @@ def test_every_section_at_tiny_size_produces_its_rows(tmp_path):
     p = subprocess.run(
         [sys.executable, "benchmarks/run.py", "--nodes", "1", "--size", "tiny", "--repeat", "1",
          "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        # About 5 minutes on a shared 2-core machine under load 5-8; 1-2 minutes idle.
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=480,
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert out.read_text().strip() == p.stdout.strip()
@@ -62,7 +63,7 @@ def test_every_section_at_tiny_size_produces_its_rows(tmp_path):
         "Targets", "Health fan-out", "Health: control-node CPU per check",
         "Health: where the time goes (lab0 unless N is given)", "CLI start-up",
         "Launch (2 nodes, 1 rank each)", "Cancel (2 nodes)", "Sync",
-        "Log streaming (2 nodes × 1,000 lines)",
+        "Log streaming (2 nodes × 1,000 lines)", "Growth with history",
     }, p.stderr
     for name, rows in found.items():
         header, body = rows[0], rows[1:]
@@ -76,10 +77,12 @@ def test_every_section_at_tiny_size_produces_its_rows(tmp_path):
     # Each section's rows, with numbers where they hold figures.
     targets = found["Targets"]
     assert {row[-1] for row in targets[1:]} <= {"✓", "✗", "–"}
-    assert len(targets) - 1 == 6  # no health fan-out target at N=1; one for each other section
+    # No health fan-out target at N=1; one for each other section, two for the CLI (--list,
+    # --help) and three for the history (jobs, status, preflight).
+    assert len(targets) - 1 == 10
     (n1,) = found["Health fan-out"][1:]
-    assert n1[0] == "1" and all(SECS.fullmatch(c) for c in n1[1:5]), n1
-    assert re.fullmatch(r"\d+\.\d\d× pdsh", n1[5]), n1
+    assert n1[0] == "1" and all(SECS.fullmatch(c) for c in n1[1:6]), n1
+    assert re.fullmatch(r"\d+\.\d\d× pdsh", n1[6]), n1
     (cpu,) = found["Health: control-node CPU per check"][1:]
     assert all(SECS.fullmatch(c) for c in cpu[1:]), cpu
     steps = found["Health: where the time goes (lab0 unless N is given)"]
@@ -87,6 +90,9 @@ def test_every_section_at_tiny_size_produces_its_rows(tmp_path):
     figures(steps[:-1], "wall", SECS)
     cli = figures(found["CLI start-up"], "wall", SECS)
     assert "`inv --list`" in cli and "`python -c pass`" in cli
+    history = figures(found["Growth with history"], "200 finished jobs", SECS)
+    assert set(history) == {"`inv jobs`", "`inv status`",
+                            "a launch's preflight (in-process, 1 node)"}
     launch = found["Launch (2 nodes, 1 rank each)"]
     figures(launch[:-1], "inv launch", SECS)
     by_hand = figures([launch[0], *launch[2:4], *launch[5:]], "pdsh + torchrun", SECS)

@@ -28,6 +28,7 @@ from ugro.commands import (
     listening_ports,
     node_job_dir,
     probe,
+    q,
     rpath,
     start_job,
     watch_job,
@@ -109,40 +110,91 @@ def test_rpath_means_the_nodes_home():
 def test_probe_with_home_relative_path():
     src = shlex.quote(commands.PROBE_SOURCE)
     n = node("~/projects/UGRO", python=PIXI)
-    assert probe(n) == (
+    assert probe(n, deep=True) == (
         '{ cd "$HOME"/projects/UGRO 2>/dev/null || cd; } && '
-        f'pixi run --frozen -e default python -c {src} "$HOME"/projects/UGRO'
+        f'pixi run --frozen -e default python -c {src} "$HOME"/projects/UGRO --deep'
     )
-    assert probe(n, deep=True) == probe(n) + " --deep"
+    assert probe(n).startswith(
+        'if cd "$HOME"/projects/UGRO 2>/dev/null; then E=1; else cd; E=0; fi; '
+        'C="$HOME/.cache/ugro/probe-')
+    assert f"X=pixi; set -- pixi run --frozen -e default python -c {src} --env \"$C\"; " \
+        in probe(n)
+    assert probe(n, then="echo hi").endswith(probe(n) + "\necho UGRO_PROBE_END; echo hi")
 
 
 def test_probe_with_absolute_paths():
     src = shlex.quote(commands.PROBE_SOURCE)
-    assert probe(node("/home/ob/projects/UGRO")) == (
+    assert probe(node("/home/ob/projects/UGRO"), deep=True) == (
         "{ cd /home/ob/projects/UGRO 2>/dev/null || cd; } && "
-        f"python3 -c {src} /home/ob/projects/UGRO"
+        f"python3 -c {src} /home/ob/projects/UGRO --deep"
     )
     venv = PythonEnv(strategy="venv", venv=".venv")
-    assert probe(node("/srv/my projects", python=venv)) == (
-        "{ cd '/srv/my projects' 2>/dev/null || cd; } && "
-        f".venv/bin/python -c {src} '/srv/my projects'"
-    )
-    hostile = probe(node(HOSTILE_PATH))
-    assert hostile == (
-        "{ cd '/tmp/x; touch /tmp/pwned' 2>/dev/null || cd; } && "
-        f"python3 -c {src} '/tmp/x; touch /tmp/pwned'"
-    )
-    assert_only_single_quoted(hostile, HOSTILE_PATH)
+    assert probe(node("/srv/my projects", python=venv)).startswith(
+        "if cd '/srv/my projects' 2>/dev/null; then E=1; else cd; E=0; fi; ")
+    assert f"set -- .venv/bin/python -c {src} --env" in probe(node("/x", python=venv))
+    for deep in (False, True):
+        hostile = probe(node(HOSTILE_PATH), deep=deep)
+        assert "cd '/tmp/x; touch /tmp/pwned' 2>/dev/null" in hostile
+        assert_only_single_quoted(hostile, HOSTILE_PATH)
 
 
 def test_probe_runs_and_reports(tmp_path):
     n = Node(name="n", host="127.0.0.1", user="u", local=True, project_path=str(tmp_path),
              python=PythonEnv(command=sys.executable))
-    out = sh(probe(n))
-    assert out.returncode == 0, out.stderr
-    report = parse_probe(out.stdout)
-    assert report["project_exists"] is True
-    assert report["disk"]["path"] == str(tmp_path)
+    for deep in (False, True):
+        out = sh(f"HOME={q(tmp_path)}; " + probe(n, deep))
+        assert out.returncode == 0, out.stderr
+        report = parse_probe(out.stdout)
+        assert report["project_exists"] is True
+        assert report["disk"]["path"] == str(tmp_path) and report["disk"]["free"] > 0
+        assert report["python"] and report["hostname"] and len(report["loadavg"]) == 3
+
+
+def fake_torch(site, version: str) -> None:
+    """A torch that package metadata finds first on PYTHONPATH: what the probe reports."""
+    for old in site.glob("torch-*.dist-info"):
+        (old / "METADATA").unlink()
+        old.rmdir()
+    (site / "torch").mkdir(parents=True, exist_ok=True)
+    (site / "torch" / "__init__.py").write_text(
+        "class cuda:\n    is_available = staticmethod(lambda: False)\n")
+    (site / "torch" / "version.py").write_text("cuda = '12.4'\n")
+    info = site / f"torch-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n")
+
+
+def test_light_probe_starts_python_only_when_the_environment_changed(tmp_path):
+    site, home = tmp_path / "site", tmp_path / "home"
+    fake_torch(site, "9.1")
+    n = Node(name="n", host="127.0.0.1", user="u", local=True, project_path=str(tmp_path),
+             python=PythonEnv(command=sys.executable))
+    env = f"HOME={q(home)}; PYTHONPATH={q(site)}; export HOME PYTHONPATH; "
+
+    def probed() -> dict:
+        out = sh(env + probe(n))
+        assert out.returncode == 0, out.stderr
+        return parse_probe(out.stdout)
+
+    assert not list(home.glob(".cache/ugro/*"))
+    for _ in range(2):  # the key is taken before Python runs: the second run keys the cache
+        assert probed()["torch"] == "9.1"
+    (cached,) = home.glob(".cache/ugro/*.json")
+    key = cached.with_suffix(".key")
+    assert key.is_file() and str(site) in cached.with_suffix(".paths").read_text()
+    # From now on the cache answers (shown by an edit only a cache read can report) ...
+    cached.write_text(cached.read_text().replace("9.1", "9.1-from-cache"))
+    assert probed()["torch"] == "9.1-from-cache"
+    # ... until a package is installed, upgraded or removed: Python runs and sees it.
+    fake_torch(site, "9.2")
+    assert probed()["torch"] == "9.2"
+    # A different key (another $PYTHONPATH, say) is a changed environment too.
+    cached.write_text(cached.read_text().replace("9.2", "9.2-from-cache"))
+    key.write_text("something else\n")
+    assert probed()["torch"] == "9.2"
+    # --deep always runs the whole probe in Python.
+    cached.write_text(cached.read_text().replace("9.2", "9.2-from-cache"))
+    assert parse_probe(sh(env + probe(n, deep=True)).stdout)["torch"] == "9.2"
 
 
 def test_node_job_dir():

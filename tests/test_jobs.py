@@ -185,7 +185,7 @@ def test_detached_wait_reports_nodes_that_never_ran_when_the_job_fails(tmp_path,
     jobs = Jobs(tmp_path)
     job_id = begun(jobs, "d", ("a", "b"))
     jobs.finish(job_id, JobStatus.FAILED, error="two control nodes launched at once")
-    monkeypatch.setattr(lifecycle, "backend_for", lambda cluster: NoRanks())
+    monkeypatch.setattr(lifecycle, "backend_for", lambda cluster, session=None: NoRanks())
     assert lifecycle.wait_for_ranks(jobs, cluster, job_id, poll=0.01) == {
         "a": "never ran all its ranks (job FAILED)", "b": "never ran all its ranks (job FAILED)"}
 
@@ -214,3 +214,35 @@ def test_a_failed_write_names_the_path(tmp_path):
             store.write_json(target, {})
     finally:
         ro.chmod(0o700)
+
+
+def test_active_jobs_are_found_without_reading_the_records_of_jobs_that_let_go(tmp_path):
+    jobs = Jobs(tmp_path)
+    done = begun(jobs, "done")
+    jobs.mark_running(done, {"a": 1, "b": 2})
+    jobs.finish(done, JobStatus.COMPLETED)
+    lost = begun(jobs, "lost")
+    jobs.mark_running(lost, {"a": 1, "b": 2})
+    jobs.finish(lost, JobStatus.FAILED, nodes={"b": {"status": NodeStatus.LOST}})
+    running = begun(jobs, "running")
+    lines = {e["job_id"]: e for e in map(json.loads, jobs.history.read_text().splitlines())}
+    assert lines[done]["holds"] is False and lines[lost]["holds"] is True
+    assert jobs.released() == {done}
+    # A released job's record is never read: even unreadable, it holds nothing.
+    (jobs.dir(done) / "metadata.json").write_text("{torn")
+    assert sorted(jobs.active()) == sorted([lost, running])
+    # A job that ended holding a node is read each time, and lets go once the node is stopped.
+    jobs.note_nodes(lost, {"b": {"status": NodeStatus.FAILED, "stop": "stopped"}})
+    assert jobs.active() == [running]
+    # A history line from before `holds` was kept releases nothing: that record is read.
+    legacy = begun(jobs, "legacy")
+    jobs.history.open("a").write(json.dumps({"job_id": legacy, "status": "COMPLETED"}) + "\n")
+    assert legacy in jobs.active()
+
+
+def test_json_lines_parses_whole_and_finds_the_bad_lines():
+    from ugro.store import json_lines
+
+    assert json_lines('{"a": 1}\n\n[2]\n') == ([(1, {"a": 1}), (3, [2])], [])
+    assert json_lines('{"a": 1}\n{"b": \n3\n') == ([(1, {"a": 1}), (3, 3)], [2])
+    assert json_lines('1, 2\n') == ([], [1])  # two values on one line is not one line's value

@@ -7,11 +7,13 @@ only what every Linux node has: coreutils, grep, and /proc.
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 from pathlib import Path
 
 from .config import ENV_KEY_RE as ENV_KEY
 from .config import Node
+from .node_probe import GPU_QUERY as GPU_QUERY_PROBE
 
 PROBE_SOURCE = (Path(__file__).parent / "node_probe.py").read_text()
 EXIT_MARKER = "\x1eUGRO_EXIT"  # record separator: never part of a training log line
@@ -43,12 +45,66 @@ def in_project(node: Node, command: str) -> str:
     return f"cd {rpath(node.project_path)} || exit 1; {command}"
 
 
-def probe(node: Node, deep: bool = False) -> str:
-    """Run the health probe with the node's Python, from its project path if it exists."""
-    argv = node.python.argv() + ["-c", PROBE_SOURCE]
+PROBE_END = "UGRO_PROBE_END"  # the probe's last line; what a command run after it prints follows
+_SMI_ARGS = "--query-gpu={} --format=csv,noheader,nounits"
+
+# The probe without --deep starts no Python while the node's environment is as it was at the
+# last probe: the Python and torch facts come from a cache in ~/.cache/ugro, keyed on the
+# modification times (and inodes) of the paths the last Python run listed, on $PYTHONPATH
+# and on where the interpreter command resolves. The key is taken before Python runs, so a
+# change made while it runs is seen by the next probe. The rest is read by the shell: the
+# host name and load from /proc, df, nvidia-smi (5 s at most where `timeout` exists).
+_LIGHT_PROBE = r"""
+k() {
+  [ -s "$C.paths" ] || return 0
+  set --; while IFS= read -r p; do set -- "$@" "$p"; done <"$C.paths"
+  printf '%s
+' "${PYTHONPATH-}" "$(command -v "$X")"; stat -L -c '%y %i %n' -- "$@" 2>&1
+}
+K=$(k)
+if [ -n "$K" ] && [ "$K" = "$(cat "$C.key" 2>/dev/null)" ] && [ -s "$C.json" ]; then
+  printf 'UGRO_PROBE_ENV '; cat "$C.json"
+else
+  "$@" && [ -n "$K" ] && printf '%s
+' "$K" >"$C.key.$$" && mv -f "$C.key.$$" "$C.key"
+fi
+read -r h </proc/sys/kernel/hostname; echo "UGRO_PROBE_SH host $h"
+read -r l </proc/loadavg; echo "UGRO_PROBE_SH load $l"
+echo "UGRO_PROBE_SH project $E $PWD"
+df -Pk -- "$PWD" 2>&1 | { read -r _; read -r d; echo "UGRO_PROBE_SH disk $d"; }
+if command -v nvidia-smi >/dev/null 2>&1; then
+  T=; command -v timeout >/dev/null 2>&1 && T="timeout 5"
+  o=$($T nvidia-smi $S 2>&1); echo "UGRO_PROBE_SH smi $?"; [ -z "$o" ] || printf '%s
+' "$o"
+else echo "UGRO_PROBE_SH smi absent"; fi
+"""
+
+
+def probe(node: Node, deep: bool = False, then: str | None = None) -> str:
+    """Run the health probe, from the node's project path if it exists (else its home).
+
+    `--deep` runs the whole probe in the node's Python (it imports torch); otherwise a shell
+    script answers, starting Python only when the environment changed (`_LIGHT_PROBE`).
+    `then`, a command, runs after the probe in the same session; its output follows the
+    `PROBE_END` line.
+    """
     path = rpath(node.project_path)
-    deep_flag = " --deep" if deep else ""
-    return f"{{ cd {path} 2>/dev/null || cd; }} && {join(argv)} {path}{deep_flag}"
+    argv = node.python.argv()
+    if deep:
+        command = (f"{{ cd {path} 2>/dev/null || cd; }} && "
+                   f"{join(argv + ['-c', PROBE_SOURCE])} {path} --deep")
+    else:
+        # One cache per interpreter command: nodes sharing a home keep theirs apart.
+        key = hashlib.sha256(" ".join(argv).encode()).hexdigest()[:16]
+        script = _LIGHT_PROBE.replace("$S", q(_SMI_ARGS.format(GPU_QUERY_PROBE)))
+        command = (
+            f"if cd {path} 2>/dev/null; then E=1; else cd; E=0; fi; "
+            f'C="$HOME/.cache/ugro/probe-{key}"; X={rpath(argv[0])}; '
+            f'set -- {join(argv + ["-c", PROBE_SOURCE, "--env"])} "$C"; {script}'
+        )
+    if then is None:
+        return command
+    return f"{command}\necho {PROBE_END}; {then}"
 
 
 def node_job_dir(node: Node, job_id: str) -> str:
@@ -274,6 +330,18 @@ def has_script(node: Node, script: str | None, module: str | None) -> str:
     if module is not None:
         return in_project(node, join(node.python.argv() + ["-c", FIND_MODULE, module]))
     return in_project(node, f"test -f {q(script)} || exit 3")
+
+
+SCRIPT_MARK = "UGRO_SCRIPT"
+PORTS_MARK = "UGRO_PORTS"
+
+
+def preflight_checks(node: Node, script: str | None, module: str | None, ports: bool) -> str:
+    """A launch's questions to a node, asked right after its probe (`probe(then=...)`):
+    `UGRO_SCRIPT <has_script's exit status>`, and with `ports` the listening ports after a
+    `UGRO_PORTS` line."""
+    line = f'( {has_script(node, script, module)} ); echo "{SCRIPT_MARK} $?"'
+    return line + (f"; echo {PORTS_MARK}; {listening_ports(node)}" if ports else "")
 
 
 def read_file(node: Node, relpath: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,9 +80,66 @@ def parse_marked_json(stdout: str, prefix: str, what: str) -> dict:
     raise ValueError(f"no {what} in the output")
 
 
+ENV_PREFIX = "UGRO_PROBE_ENV "
+SHELL_PREFIX = "UGRO_PROBE_SH "
+
+
 def parse_probe(stdout: str) -> dict:
-    """The probe's JSON report."""
-    return parse_marked_json(stdout, PROBE_PREFIX, "probe report")
+    """The probe's report: the Python probe's JSON (`--deep`), or the shell probe's lines
+    (`commands.probe`) made into the same dict. What follows `PROBE_END` is not the probe's."""
+    stdout = stdout.split("\n" + commands.PROBE_END + "\n")[0]
+    if any(line.startswith(PROBE_PREFIX) for line in stdout.splitlines()):
+        return parse_marked_json(stdout, PROBE_PREFIX, "probe report")
+    return parse_shell_probe(stdout)
+
+
+def parse_shell_probe(stdout: str) -> dict:
+    """The light probe's output: the cached (or just taken) environment facts as JSON, then
+    `UGRO_PROBE_SH <what> ...` lines from the shell, nvidia-smi's output after its own."""
+    report = parse_marked_json(stdout, ENV_PREFIX, "probe report")
+    lines = stdout.splitlines()
+    facts = {}
+    for i, line in enumerate(lines):
+        if line.startswith(SHELL_PREFIX):
+            what, _, rest = line[len(SHELL_PREFIX):].partition(" ")
+            facts[what] = (rest, i)
+    if "host" not in facts or "smi" not in facts:
+        raise ValueError("the probe's shell lines are missing")
+    report["hostname"] = facts["host"][0]
+    try:
+        report["loadavg"] = [float(x) for x in facts["load"][0].split()[:3]]
+    except (KeyError, ValueError):
+        report["loadavg"] = None
+    exists, _, where = facts.get("project", ("0 ", 0))[0].partition(" ")
+    report["project_exists"] = exists == "1"
+    report["disk"] = _df_line(facts.get("disk", ("", 0))[0], where)
+    code, at = facts["smi"]
+    output = "\n".join(lines[at + 1:]) + "\n" if at + 1 < len(lines) else ""
+    if code == "absent":
+        report["nvidia_smi"] = {"status": "absent"}
+    elif code == "0":
+        report["nvidia_smi"] = {"status": "ok", "csv": output}
+    elif code == "124":
+        report["nvidia_smi"] = {"status": "error", "error": "nvidia-smi timed out"}
+    else:
+        first = (output.strip().splitlines() or ["no output"])[0][:200]
+        report["nvidia_smi"] = {"status": "error", "error": first,
+                                "code": int(code) if code.lstrip("-").isdigit() else code}
+    return report
+
+
+def _df_line(line: str, where: str) -> dict:
+    """`df -Pk`'s line for a path: {path, free, total} in bytes ({path} alone if unreadable).
+    Counted from the capacity column, so a file system name with spaces still parses."""
+    words = line.split()
+    cap = next((i for i, w in enumerate(words) if w.endswith("%") and i >= 4), None)
+    if cap is None:
+        return {"path": where}
+    try:
+        blocks, _, free = (int(w) for w in words[cap - 3:cap])
+    except ValueError:
+        return {"path": where}
+    return {"path": where, "free": free * 1024, "total": blocks * 1024}
 
 
 @dataclass
@@ -101,9 +159,12 @@ class NodeHealth:
     loadavg: list[float] | None = None
     deep: dict | None = None
     seconds: float = 0.0
+    then: str = ""  # what the command run after the probe printed (`check(then=...)`)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["then"]
+        return out
 
 
 MIN_FREE_DISK_GIB = 2.0
@@ -151,10 +212,13 @@ def assess(node: Node, report: dict, seconds: float) -> NodeHealth:
 
 
 def check(cluster: Cluster, nodes: tuple[Node, ...] | None = None, *, deep: bool = False,
-          timeout: float | None = None, session: Session | None = None) -> list[NodeHealth]:
+          timeout: float | None = None, session: Session | None = None,
+          then: Callable[[Node], str | None] | None = None) -> list[NodeHealth]:
     """Probe every node at once; a dead or slow node costs at most `timeout`.
 
-    On a Slurm cluster, the partition's nodes as Slurm reports them (`partition_check`).
+    `then(node)`, a command, runs on the node right after its probe, in the same exec (a
+    launch's preflight asks its questions so); its output is the report's `then`. On a Slurm
+    cluster, the partition's nodes as Slurm reports them (`partition_check`).
     """
     if cluster.slurm is not None:
         return partition_check(cluster, deep=deep, timeout=timeout)
@@ -167,7 +231,8 @@ def check(cluster: Cluster, nodes: tuple[Node, ...] | None = None, *, deep: bool
 
     def one(node: Node) -> NodeHealth:
         start = time.monotonic()
-        answer = session.run(node, commands.probe(node, deep), timeout=run_timeout)
+        command = commands.probe(node, deep, then(node) if then else None)
+        answer = session.run(node, command, timeout=run_timeout)
         seconds = round(time.monotonic() - start, 2)
         if answer.error:
             return NodeHealth(node.name, node.address, False, [answer.error], seconds=seconds)
@@ -177,7 +242,9 @@ def check(cluster: Cluster, nodes: tuple[Node, ...] | None = None, *, deep: bool
             why = (answer.stderr.strip().splitlines() or [str(exc)])[-1]
             return NodeHealth(node.name, node.address, False,
                               [f"probe failed (exit {answer.exited}): {why}"], seconds=seconds)
-        return assess(node, report, seconds)
+        h = assess(node, report, seconds)
+        h.then = answer.stdout.partition("\n" + commands.PROBE_END + "\n")[2]
+        return h
 
     try:
         return list(fan_out(nodes, one).values())

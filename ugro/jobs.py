@@ -14,7 +14,6 @@ under the job's lock.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -126,22 +125,29 @@ class Jobs:
             return None
         return list(nodes) if isinstance(nodes, dict) else None
 
-    def ended(self) -> set[str]:
-        """The ids in job_history.jsonl (a job gets its line when it ends); damaged lines
-        are skipped."""
+    def summaries(self) -> dict[str, dict]:
+        """job id -> its line in job_history.jsonl (a job gets its line when it ends), in the
+        file's order; damaged lines are skipped."""
         try:
             text = self.history.read_text(errors="replace")
         except OSError:
-            return set()
-        out = set()
-        for line in text.splitlines():
-            try:
-                entry = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(entry, dict) and isinstance(entry.get("job_id"), str):
-                out.add(entry["job_id"])
-        return out
+            return {}
+        entries, _ = store.json_lines(text)
+        return {e["job_id"]: e for _, e in entries
+                if isinstance(e, dict) and isinstance(e.get("job_id"), str)}
+
+    def ended(self) -> set[str]:
+        """The ids in job_history.jsonl."""
+        return set(self.summaries())
+
+    def released(self, summaries: dict[str, dict] | None = None) -> set[str]:
+        """Ended jobs whose history line says they let their nodes go when they ended.
+
+        Nothing else ever makes such a job hold a node again, so finding the active jobs
+        needs no look at their records. A line without `holds` (written before it was kept)
+        releases nothing: that job's record is read, as before."""
+        summaries = self.summaries() if summaries is None else summaries
+        return {j for j, e in summaries.items() if e.get("holds") is False}
 
     # -- transitions --------------------------------------------------------
     def begin(self, job_id: str, name: str, *, cluster_file: str, world_size: int, master: str,
@@ -329,11 +335,13 @@ class Jobs:
             return meta
 
     # -- finding jobs -------------------------------------------------------
-    def ids(self) -> list[str]:
-        """Every job id, newest first."""
-        if not self.root.is_dir():
+    def ids(self, skip: set[str] = frozenset()) -> list[str]:
+        """Every job id, newest first; those in `skip` are left out without a look."""
+        try:
+            names = os.listdir(self.root)
+        except OSError:
             return []
-        ids = [p.name for p in self.root.iterdir() if (p / "metadata.json").exists()]
+        ids = [n for n in names if n not in skip and (self.root / n / "metadata.json").exists()]
         return sorted(ids, key=started_key, reverse=True)
 
     def find(self, text: str | None) -> str:
@@ -371,16 +379,15 @@ class Jobs:
         stop, and ones
         whose record is too damaged to tell and that never ended (no history line): damage
         must never free a busy node."""
+        summaries = self.summaries()
         out = []
-        ended = None
-        for job_id in self.ids():
+        for job_id in self.ids(skip=self.released(summaries)):
             try:
                 meta = self.metadata(job_id)
                 if is_active(meta.get("status")) or holds_nodes(meta):
                     out.append(job_id)
             except DamagedRecord:
-                ended = self.ended() if ended is None else ended
-                if job_id not in ended:
+                if job_id not in summaries:
                     out.append(job_id)
         return out
 
@@ -429,6 +436,9 @@ def history_line(meta: dict) -> dict:
         "nodes": list(meta.get("nodes", {})),
         "world_size": meta.get("world_size"),
         "error": (meta.get("failure") or {}).get("summary") or meta.get("error"),
+        # Whether a node may still run its processes (lost, or a cancel still pending); a job
+        # that holds nothing is never read again to find the active jobs (`Jobs.released`).
+        "holds": holds_nodes(meta),
     }
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -67,13 +67,15 @@ def held_as(meta: dict) -> str:
 
 
 def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
-           warn=lambda line: None, queued: str | None = None) -> str:
+           warn=lambda line: None, queued: str | None = None,
+           session: Session | None = None) -> str:
     """Preflight, record, start every node, hand over to a supervisor; returns the job id.
 
     `warn` hears what preflight found harmless but worth saying (a Python patch release
     that differs). Nothing is recorded until the plan is valid. `queued` is a queued job's
     id: its record exists already (`ugro.schedule` made it, and chose the nodes in
-    `cfg.nodes`), and it starts here by the same path as any launch. A cluster whose own
+    `cfg.nodes`), and it starts here by the same path as any launch. `session`: connections
+    to keep using afterwards (`wait_for_ranks`); the caller closes it. A cluster whose own
     scheduler runs jobs (Slurm) gets the job submitted instead (`submit`).
     """
     backend = backend_for(cluster)
@@ -81,7 +83,9 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
         return submit(jobs, cluster, cfg, root, backend)
     backend.close()
     ranks_per_node(cluster, cfg)  # a plan that cannot work is refused before anything runs
-    with store.locked(jobs.data_dir / ".launch.lock"), Session(cluster) as session:
+    own = session is None
+    session = session or Session(cluster)
+    with store.locked(jobs.data_dir / ".launch.lock"), (closing(session) if own else nullcontext()):
         holding = busy_nodes(jobs, cluster, cluster.select(cfg.nodes))
         if holding:
             raise UgroError(f"nodes are busy with job {'; '.join(holding)}; wait for it, "
@@ -92,7 +96,8 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
         job_id = queued or jobs.create(cfg.name)
         try:
             plans = plan(cluster, cfg, job_id, port)
-            backend = backend_for(cluster)
+            # The nodes start over the connections the preflight opened.
+            backend = backend_for(cluster, session if own else _Lent(session))
             master = f"{plans[0].node.host}:{port}"
             world = sum(p.nproc for p in plans)
             store.write_json(jobs.dir(job_id) / "config.json", {
@@ -117,6 +122,9 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
             if not queued:  # a queued job keeps its record; the scheduler decides
                 jobs.discard(job_id)  # no job directory is left without its record
             raise
+        # The supervisor's start-up (its imports) overlaps the nodes': it waits for the record
+        # to leave PENDING before it watches anything (`ugro.supervise.main`).
+        spawn_supervisor(jobs, cluster, job_id)
         with closing(backend):
             started = backend.start(job_id, plans)
             pgids = {name: v for name, v in started.items() if isinstance(v, int)}
@@ -128,7 +136,6 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
                 jobs.finish(job_id, JobStatus.FAILED, error=f"start failed: {why}",
                             nodes={name: {"status": NodeStatus.START_FAILED} for name in failed})
                 raise UgroError(f"job {job_id}: start failed: {why}")
-    spawn_supervisor(jobs, cluster, job_id)
     return job_id
 
 
@@ -167,8 +174,21 @@ def submit(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path, backend)
     return job_id
 
 
+class _Lent:
+    """A session lent to a backend: the backend's close leaves it open for its owner."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def close(self) -> None:
+        pass
+
+
 def wait_for_ranks(jobs: Jobs, cluster: Cluster, job_id: str, timeout: float = 300.0,
-                   poll: float = 0.2) -> dict[str, str]:
+                   poll: float = 0.05, session: Session | None = None) -> dict[str, str]:
     """Wait until every node runs all its ranks; node -> 'N/N ranks', 'ended' or why not.
 
     Returns early when the job stops being active (a node failed at start-up); the nodes
@@ -179,7 +199,7 @@ def wait_for_ranks(jobs: Jobs, cluster: Cluster, job_id: str, timeout: float = 3
     nodes = [cluster.node(n) for n in want]
     seen: dict[str, str] = {}
     deadline = time.monotonic() + timeout
-    with closing(backend_for(cluster)) as backend:
+    with closing(backend_for(cluster, session and _Lent(session))) as backend:
         while True:
             pending = [n for n in nodes if n.name not in seen]
             for name, running in backend.ranks_running(pending, job_id).items():

@@ -4,6 +4,12 @@ UGRO sends this file's text as `python -c` over the node's one SSH session, so
 a node needs nothing installed beyond its training environment. It prints one
 line, `UGRO_PROBE {json}`; the control node parses it (`ugro.health`).
 
+A plain `inv health` runs it only as `--env CACHE`, and only when the node's
+environment changed since the last probe (`ugro.commands.probe`, a shell script,
+does the rest): it prints `UGRO_PROBE_ENV {json}` (the Python and torch facts) and
+caches them in CACHE.json, with the paths whose modification times say whether they
+still hold (the interpreter, every sys.path directory, torch's own) in CACHE.paths.
+
 torch and its CUDA build are read from package metadata and torch/version.py,
 never by importing torch, which costs over a second per node; `deep` imports it
 and checks that CUDA really initialises.
@@ -73,16 +79,51 @@ def deep_check():
     return info
 
 
+def environment():
+    report = {"python": platform.python_version(), "executable": sys.executable}
+    report.update(torch_versions())
+    return report
+
+
+def env_paths():
+    """What a change of the environment touches: the interpreter, and the directories that
+    gain or lose an entry when a package is installed, upgraded or removed."""
+    paths = [sys.executable] + [p for p in sys.path if p and os.path.isdir(p)]
+    try:
+        from importlib import metadata, util
+
+        spec = util.find_spec("torch")
+        if spec and spec.submodule_search_locations:
+            paths.append(list(spec.submodule_search_locations)[0])
+        paths.append(str(metadata.distribution("torch")._path))
+    except Exception:
+        pass
+    return [os.path.abspath(p) for p in dict.fromkeys(paths) if "\n" not in p]
+
+
+def cache_environment(prefix):
+    report = environment()
+    text = json.dumps(report)
+    print("UGRO_PROBE_ENV " + text, flush=True)
+    try:  # no cache (a read-only home) only costs the next probe this Python start
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        for suffix, body in ((".json", text + "\n"), (".paths", "\n".join(env_paths()) + "\n")):
+            tmp = "{}{}.{}".format(prefix, suffix, os.getpid())
+            with open(tmp, "w") as f:
+                f.write(body)
+            os.replace(tmp, prefix + suffix)
+    except OSError:
+        pass
+
+
 def main(project_path, deep=False, smi_timeout=5.0):
     report = {
         "hostname": socket.gethostname(),
-        "python": platform.python_version(),
-        "executable": sys.executable,
         "nvidia_smi": nvidia_smi(smi_timeout),
         "loadavg": list(os.getloadavg()),
         "project_exists": os.path.isdir(project_path),
     }
-    report.update(torch_versions())
+    report.update(environment())
     where = project_path if report["project_exists"] else os.path.expanduser("~")
     usage = shutil.disk_usage(where)
     report["disk"] = {"path": where, "free": usage.free, "total": usage.total}
@@ -92,4 +133,7 @@ def main(project_path, deep=False, smi_timeout=5.0):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else ".", "--deep" in sys.argv)
+    if sys.argv[1:2] == ["--env"]:
+        cache_environment(sys.argv[2])
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else ".", "--deep" in sys.argv)

@@ -244,13 +244,19 @@ def pick_port(busy: set[int], port: int, policy: str, node: str) -> int:
     raise UgroError(f"preflight: no free port in {port}..{port + PORT_SEARCH} on {node}")
 
 
-def choose_port(cluster: Cluster, session: Session, master: Node) -> int:
-    answer = session.run(master, commands.listening_ports(master))
-    if not answer.ok:
-        raise UgroError(f"preflight: cannot read ports on {master.name}: "
-                        f"{answer.error or answer.stderr.strip()}")
-    busy = {int(h, 16) for h in answer.stdout.split() if re.fullmatch(r"[0-9A-Fa-f]+", h)}
-    return pick_port(busy, cluster.master_port, cluster.port_policy, master.name)
+def choose_port(cluster: Cluster, report: health.NodeHealth) -> int:
+    """The master port, from the ports the master's preflight found listening."""
+    head, marked, ports = report.then.partition(commands.PORTS_MARK + "\n")
+    if not marked:
+        raise UgroError(f"preflight: cannot read ports on {report.node}")
+    busy = {int(h, 16) for h in ports.split() if re.fullmatch(r"[0-9A-Fa-f]+", h)}
+    return pick_port(busy, cluster.master_port, cluster.port_policy, report.node)
+
+
+def script_status(report: health.NodeHealth) -> int | None:
+    """has_script's exit status as the node's preflight answered it; None if it did not."""
+    m = re.search(rf"^{commands.SCRIPT_MARK} (\d+)$", report.then, re.M)
+    return int(m.group(1)) if m else None
 
 
 def version_problems(reports: list[health.NodeHealth]) -> tuple[list[str], list[str]]:
@@ -282,7 +288,10 @@ def preflight(cluster: Cluster, cfg: LaunchConfig,
     Returns their reports, the master port and warnings (versions that differ harmlessly).
     """
     nodes = cluster.select(cfg.nodes)
-    reports = health.check(cluster, nodes, session=session)
+    # One exec per node: the probe, then whether the script is there and, on the node that
+    # hosts the rendezvous, which ports are taken.
+    reports = health.check(cluster, nodes, session=session, then=lambda n: (
+        commands.preflight_checks(n, cfg.script, cfg.module, ports=n is nodes[0])))
     bad = [r for r in reports if not r.healthy]
     if bad:
         raise UgroError("preflight: " + "; ".join(
@@ -291,14 +300,14 @@ def preflight(cluster: Cluster, cfg: LaunchConfig,
     if errors:
         raise UgroError(f"preflight: {'; '.join(errors)}; make the environments match "
                         "(inv sync-envs) or choose matching nodes with --nodes")
-    answers = session.run_all(nodes, lambda n: commands.has_script(n, cfg.script, cfg.module))
-    missing = [name for name, a in answers.items() if a.exited == 3]
+    answers = {r.node: script_status(r) for r in reports}
+    missing = [name for name, code in answers.items() if code == 3]
     if missing:
         what = f"module {cfg.module}" if cfg.module else f"script {cfg.script}"
         raise UgroError(f"preflight: {what} not found on {', '.join(missing)} "
                         f"(in the project path; run: inv sync)")
-    broken = [f"{name}: {a.error or a.stderr.strip() or f'exit code {a.exited}'}"
-              for name, a in answers.items() if not a.ok and a.exited != 3]
+    broken = [f"{name}: {'no answer' if code is None else f'exit code {code}'}"
+              for name, code in answers.items() if code not in (0, 3)]
     if broken:
         raise UgroError(f"preflight: cannot check the script on {'; '.join(broken)}")
-    return reports, choose_port(cluster, session, nodes[0]), warnings
+    return reports, choose_port(cluster, reports[0]), warnings

@@ -397,6 +397,20 @@ def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
 
 
+def started(jobs: Jobs, job_id: str, timeout: float = 120.0) -> bool:
+    """Whether the job's nodes started. A launch spawns its supervisor while the nodes start,
+    so the record may still be PENDING: wait for RUNNING, or for the launch to record that
+    the start failed (then there is nothing to supervise)."""
+    deadline = time.monotonic() + timeout
+    while (status := JobStatus.parse(jobs.metadata(job_id)["status"])) is JobStatus.PENDING:
+        if time.monotonic() > deadline:
+            say(f"{job_id}: still PENDING after {timeout:g}s; its launch must have died: "
+                "inv status reconciles it")
+            return False
+        time.sleep(0.05)
+    return not status.is_terminal()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ugro.supervise")
     parser.add_argument("--data-dir", required=True, type=Path)
@@ -408,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         validate_name(args.job_id)
         cluster = load_cluster(args.cluster)
         jobs = Jobs(args.data_dir)
+        if not started(jobs, args.job_id):
+            return 0
         meta = Supervisor(jobs, cluster, args.job_id, args.grace).run()
     except UgroError as exc:
         say(str(exc))

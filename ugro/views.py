@@ -140,18 +140,14 @@ def load(jobs: Jobs, job_id: str) -> JobRecord:
 
 def parse_history(text: str) -> tuple[list[dict], str | None]:
     """The entries of job_history.jsonl, newest first, and what was wrong with it, if anything."""
-    entries, bad = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except (ValueError, RecursionError):
-            entry = None
+    values, bad = store.json_lines(text)
+    entries = []
+    for number, entry in values:
         if isinstance(entry, dict) and isinstance(entry.get("job_id"), str):
             entries.append(entry)
         else:
             bad.append(number)
+    bad.sort()
     problem = (f"job_history.jsonl: {len(bad)} unreadable line(s) skipped (first: line {bad[0]})"
                if bad else None)
     return entries[::-1], problem
@@ -243,15 +239,24 @@ def stall(meta: dict) -> dict:
             "stalled_since": meta.get("stalled_since") if is_stalled(meta) else None}
 
 
-def filter_rows(rows: list[dict], status: str | None) -> list[dict]:
+def status_filter(status: str | None) -> str | None:
+    """The job status `--status` asks for, checked (STALLED, a flag on RUNNING jobs, is asked
+    for like a status); None for every status."""
     if status is None:
-        return rows
+        return None
     wanted = status.upper()
-    if wanted == "STALLED":  # a flag on RUNNING jobs, asked for like a status
-        return [r for r in rows if r["stalled"]]
-    if wanted not in STATUSES:
+    if wanted != "STALLED" and wanted not in STATUSES:
         raise UgroError(f"--status {status}: not a job status ({', '.join(STATUSES)}, "
                         "or STALLED)")
+    return wanted
+
+
+def filter_rows(rows: list[dict], status: str | None) -> list[dict]:
+    wanted = status_filter(status)
+    if wanted is None:
+        return rows
+    if wanted == "STALLED":
+        return [r for r in rows if r["stalled"]]
     return [r for r in rows if r["status"] == wanted]
 
 

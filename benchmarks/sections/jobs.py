@@ -199,24 +199,19 @@ def pdsh_torchrun(bench: Bench, cluster: Cluster, tag: str, mode: str) -> tuple[
     bench.tags.add(tag)
     cfg = LaunchConfig(name=tag, script=JOB, nproc_per_node=1, script_args=("--mode", mode))
     nodes = plan(cluster, cfg, tag, free_port(cluster.nodes[0].host))
-    cases = "".join(
-        f"{p.node.host}) " + commands.in_project(p.node, " ".join(
-            f"{k}={commands.q(v)}" for k, v in {"UGRO_JOB_ID": tag, **p.env}.items())
-            + f" exec {commands.join(by_hand(p.argv))}") + ";; "
-        for p in nodes)
+    def line(p) -> str:
+        exports = "export " + " ".join(
+            f"{k}={commands.q(v)}" for k, v in {"UGRO_JOB_ID": tag, **p.env}.items()) + "; "
+        if not p.store:
+            return exports + f"exec {commands.join(p.argv)}"
+        # The host node runs the rendezvous store beside its torchrun (its agent does not
+        # host one: `--rdzv-conf is_host=0`), stopped once torchrun ends.
+        never = commands.q(str(bench.tmp / f"{tag}.never"))
+        return (exports + f"{commands.join(p.store)} {never} & s=$!; "
+                f"{commands.join(p.argv)}; kill $s")
+
+    cases = "".join(f"{p.node.host}) " + commands.in_project(p.node, line(p)) + ";; "
+                    for p in nodes)
     command = f"set -- $SSH_CONNECTION; case $3 in {cases}esac"
     return bench.pdsh([p.node.name for p in nodes], command)
 
-
-def by_hand(argv: list[str]) -> list[str]:
-    """`argv` as typed by hand: the host node's torchrun agent keeps the rendezvous store.
-
-    UGRO runs the store as a process of its own beside that agent (`is_host=0` on every
-    node, `commands.RDZV_STORE`); a user typing torchrun leaves the store to the agent.
-    """
-    out = list(argv)
-    for i in range(len(out) - 1):
-        if out[i] == "--rdzv-conf" and out[i + 1] == "is_host=0":
-            del out[i:i + 2]
-            break
-    return out

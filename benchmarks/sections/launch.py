@@ -6,7 +6,7 @@ from benchmarks.bench import JOB, Bench
 from benchmarks.sections import jobs
 from benchmarks.tables import Section, ratio_text, secs, table
 
-TARGET_S = 1.5
+OVER_PDSH_S = 0.3  # UGRO's launch may add this much to pdsh + torchrun by hand
 
 
 def run_section(bench: Bench) -> list[Section]:
@@ -15,15 +15,18 @@ def run_section(bench: Bench) -> list[Section]:
     u, b, cells = runs.ugro, runs.pdsh, runs.cells
     none, b_none = runs.ugro_none, runs.pdsh_none
     ranks = u.get("ranks", none)
-    ok = None if ranks is None or ranks.median is None else ranks.median <= TARGET_S
+    by_hand = b.get("ranks", b_none)
+    ok = None if ranks is None or ranks.median is None or by_hand is None \
+        or by_hand.median is None else ranks.median <= by_hand.median + OVER_PDSH_S
+    goal = f"≤ pdsh + {OVER_PDSH_S:g} s"
     rows = [
         ["`inv launch --detach` returns", secs(u.get("returns", none), r), "–", "–", "–", "–"],
         ["first job process on a node", secs(u.get("first", none), r),
          secs(b.get("first", b_none), r), ratio_text(u.get("first"), b.get("first")), "–", "–"],
         ["every rank running", secs(ranks, r), secs(b.get("ranks", b_none), r),
-         ratio_text(ranks, b.get("ranks")), f"≤ {TARGET_S:g} s",
-         bench.target(f"launch → all ranks running, {n} nodes ≤ {TARGET_S:g} s",
-                      secs(ranks, r), ok)],
+         ratio_text(ranks, b.get("ranks")), goal,
+         bench.target(f"launch → all ranks running, {n} nodes {goal} + torchrun by hand",
+                      f"{secs(ranks, r)} (pdsh + torchrun: {secs(by_hand, r)})", ok)],
         ["every `rank N/W up` line in the control logs", secs(u.get("up_lines", none), r),
          "–", "–", "–", "–"],
         ["whole launch (attached) of a script that exits at once",

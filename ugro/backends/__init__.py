@@ -16,6 +16,7 @@ from ..config import Cluster, Node
 from ..state import NodeState
 
 if TYPE_CHECKING:
+    from ..cluster import Session
     from ..plan import NodePlan
 
 
@@ -65,11 +66,13 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def backend_for(cluster: Cluster) -> Backend:
+def backend_for(cluster: Cluster, session: Session | None = None) -> Backend:
+    """The cluster's backend; `session` lends an SSH backend connections already open (a
+    launch's preflight), which it then closes with its own."""
     if cluster.slurm is not None:
         from .slurm import SlurmBackend
 
         return SlurmBackend(cluster)
     from .ssh import SSHBackend
 
-    return SSHBackend(cluster)
+    return SSHBackend(cluster, session)

@@ -5,10 +5,6 @@ from __future__ import annotations
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from .. import commands
-from .. import health as health_mod
-from ..cluster import Session
-from ..cluster import trust_hosts as pin_host_keys
 from .common import cli, cluster_of, positive, print_json, project_path, target_nodes
 
 
@@ -23,6 +19,8 @@ from .common import cli, cluster_of, positive, print_json, project_path, target_
 @cli
 def health(c, nodes=None, json=False, deep=False, timeout=None):
     """Check every node in parallel: reachable, GPUs, Python, torch/CUDA, disk."""
+    from .. import health as health_mod
+
     timeout = positive("timeout", timeout)
     cluster = cluster_of(c)
     targets = target_nodes(c, cluster, nodes)
@@ -52,6 +50,8 @@ def trust_hosts(c, nodes=None, replace=False):
     """Pin the nodes' SSH host keys in known_hosts, showing each fingerprint."""
     from tabulate import tabulate
 
+    from ..cluster import trust_hosts as pin_host_keys
+
     cluster = cluster_of(c)
     rows = pin_host_keys(cluster, cluster.select(nodes), replace=replace)
     if not rows:
@@ -67,6 +67,9 @@ def trust_hosts(c, nodes=None, replace=False):
 @cli
 def init(c, nodes=None):
     """First-time setup: trust host keys, create project/data dirs on nodes, check health."""
+    from .. import commands
+    from ..cluster import Session
+
     cluster = cluster_of(c)
     targets = cluster.select(nodes)
     trust_hosts(c, nodes=nodes)

@@ -8,12 +8,15 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from invoke import Context, Task
 from invoke.exceptions import Exit
 
-from ..config import Cluster, Node, load_cluster
 from ..errors import UgroError
+
+if TYPE_CHECKING:
+    from ..config import Cluster, Node
 
 
 def _project_root() -> Path:
@@ -93,6 +96,8 @@ def project_path(c: Context, key: str) -> Path:
 
 
 def cluster_of(c: Context) -> Cluster:
+    from ..config import load_cluster  # yaml: paid by the tasks that read the cluster
+
     return load_cluster(setting(c, "cluster"), ROOT)
 
 

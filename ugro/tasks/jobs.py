@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import yaml
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from .. import lifecycle, schedule, views
-from ..cluster import Session
 from ..errors import UgroError
-from ..jobs import Jobs, job_name
-from ..plan import LaunchConfig
 from ..state import JobStatus, is_active
 from .common import ROOT, LetterFlags, cli, cluster_of, positive, print_json, project_path
 
+if TYPE_CHECKING:
+    from ..jobs import Jobs
+
+# The package's modules are imported in the task bodies: `inv --list` and `inv TASK --help`
+# pay for none of them (SSH, YAML, tabulate, the launch path).
+
 
 def jobs_of(c) -> Jobs:
+    from ..jobs import Jobs
+
     return Jobs(project_path(c, "data_dir"))
 
 
@@ -28,6 +32,8 @@ def note(line: str) -> None:
 
 def launch_defaults(c) -> tuple[dict, dict]:
     """training_defaults.yaml's `launch:` section, and its `scripts:` (each script's defaults)."""
+    import yaml
+
     path = project_path(c, "defaults")
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -85,6 +91,10 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
            script_args=None, stall_after=None, on_stall=None, sync=False, queue=False,
            num_nodes=None, min_gpu_mem=None, priority=None, after=None):
     """Run a distributed torchrun training job on the cluster's nodes (or queue it)."""
+    from .. import lifecycle, schedule, views
+    from ..cluster import Session
+    from ..plan import LaunchConfig
+
     positive("lr", lr)
     defaults, scripts = launch_defaults(c)
     cfg = LaunchConfig.from_options(
@@ -116,6 +126,7 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
     if queue and cluster.slurm is not None:
         raise UgroError(f"--queue: Slurm queues every job itself (slurm: in {cluster.source}); "
                         "launch without --queue")
+    session = None
     if queue:
         job_id = schedule.enqueue(jobs, cluster, cfg, ROOT)
         schedule.run_pass(jobs, cluster, ROOT)
@@ -129,7 +140,14 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
         if not is_active(meta["status"]):
             raise UgroError(f"job {job_id}: {meta['status']}: {meta.get('error')}")
     else:
-        job_id = lifecycle.launch(jobs, cluster, cfg, ROOT, warn=note)
+        # The preflight's connections, kept for wait_for_ranks (Slurm: no SSH to the nodes).
+        session = Session(cluster) if cluster.slurm is None else None
+        try:
+            job_id = lifecycle.launch(jobs, cluster, cfg, ROOT, warn=note, session=session)
+        except BaseException:
+            if session is not None:
+                session.close()
+            raise
     meta = jobs.metadata(job_id)
     if meta.get("slurm"):
         s = meta["slurm"]
@@ -145,7 +163,11 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
     print(f"job {job_id}: world size {meta['world_size']} on {where}; "
           f"rendezvous {meta['master']}", flush=True)
     if detach:
-        started = lifecycle.wait_for_ranks(jobs, cluster, job_id)
+        try:
+            started = lifecycle.wait_for_ranks(jobs, cluster, job_id, session=session)
+        finally:
+            if session is not None:
+                session.close()
         print("started: " + ", ".join(f"{n} {s}" for n, s in started.items()))
         meta = jobs.metadata(job_id)
         if meta["status"] == JobStatus.COMPLETED:
@@ -156,11 +178,15 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
         print(f"detached; follow with: inv logs {cfg.name} --follow; "
               f"stop with: inv cancel {cfg.name}")
         return
+    if session is not None:
+        session.close()
     attached(jobs, cluster, job_id)
 
 
 def attached(jobs: Jobs, cluster, job_id: str) -> None:
     """Follow the job's logs until it ends; exit 1 unless it COMPLETED."""
+    from .. import lifecycle
+
     meta = lifecycle.wait_attached(jobs, cluster, job_id)
     print(f"job {job_id}: {meta['status']}", flush=True)
     if meta.get("error"):
@@ -174,6 +200,9 @@ def attached(jobs: Jobs, cluster, job_id: str) -> None:
 @cli
 def cancel(c, name, grace=None):
     """Cancel a job: stop exactly its processes on every node."""
+    from .. import schedule
+    from ..jobs import job_name
+
     grace = positive("grace", grace, 3.0)
     jobs = jobs_of(c)
     job_id = jobs.find(name)
@@ -196,7 +225,8 @@ def cancel(c, name, grace=None):
 @cli
 def reset(c, grace=None):
     """Emergency stop: end every UGRO-started job on every node, mark them CANCELLED."""
-    from .. import commands
+    from .. import commands, schedule
+    from ..cluster import Session
 
     grace = positive("grace", grace, 3.0)
     cluster = cluster_of(c)
@@ -247,6 +277,8 @@ def whole(option: str, value) -> int | None:
 @cli
 def show_queue(c, json=False, run=False, every=15.0):
     """Show the queued jobs in the order they will start, and why each waits."""
+    from .. import schedule, views
+
     jobs = jobs_of(c)
     if run:
         try:

@@ -7,8 +7,6 @@ import sys
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from .. import envs
-from .. import sync as sync_mod
 from .common import ROOT, cli, cluster_of, target_nodes
 
 
@@ -22,6 +20,8 @@ from .common import ROOT, cli, cluster_of, target_nodes
 @cli
 def sync(c, nodes=None, dry_run=False, delete=False):
     """Copy the project's code to every worker at once (rsync over SSH, delta only)."""
+    from .. import sync as sync_mod
+
     cluster = cluster_of(c)
     targets = target_nodes(c, cluster, nodes)
     paths = sync_mod.sync_set(cluster, ROOT)
@@ -54,6 +54,9 @@ def sync(c, nodes=None, dry_run=False, delete=False):
 @cli
 def sync_envs(c, nodes=None, find_links=None, no_index=False, check=False):
     """Make every worker's Python environment match the lock, then compare fingerprints."""
+    from .. import envs
+    from .. import sync as sync_mod
+
     cluster = cluster_of(c)
     targets = target_nodes(c, cluster, nodes)
     with sync_mod.Progress(sys.stderr) as progress:

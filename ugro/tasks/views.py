@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from invoke import Collection, task
 
-from .. import commands, health, lifecycle, schedule, views
-from .. import logs as logs_mod
-from ..cluster import Session
 from ..errors import UgroError
-from ..jobs import Jobs, job_name
 from ..state import JobStatus, is_active, watched
 from .common import (
     cli,
@@ -22,10 +19,16 @@ from .common import (
 )
 from .jobs import jobs_of
 
+if TYPE_CHECKING:
+    from ..jobs import Jobs
+
+# The package's modules are imported in the task bodies, so `inv --list` pays for none of them.
+
 # Invoke has no optional positional arguments: `inv logs exp1` needs JOB positional, while
 # `fab -H gpu1 logs` (the latest job on that host) must parse without one, so under fab the
 # job is given as `--job`.
 UNDER_FAB = "fabric.main" in sys.modules
+JOBS_SHOWN = 20  # `inv jobs` without --limit or --all
 
 
 def note(text: str) -> None:
@@ -58,18 +61,24 @@ def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
     """`lifecycle.reconcile` each active job among these (one whose supervisor died is brought in
     line with its nodes); returns a note for each that could not be. A job that ended so frees
     its nodes: a scheduling pass starts in the background."""
+    from .. import views
+
     notes = []
     freed = False
     for job_id in job_ids:
         meta, damaged = views.read_object(jobs.dir(job_id) / "metadata.json")
         if damaged or not watched(meta):
             continue
+        from .. import lifecycle  # the launch path: paid only when a job may need it
+
         try:
             cluster = cluster or cluster_of(c)
             freed |= not is_active(lifecycle.reconcile(jobs, cluster, job_id).get("status"))
         except UgroError as exc:
             notes.append(f"{job_id}: not reconciled: {exc}")
     if freed:
+        from .. import schedule
+
         schedule.kick(jobs, cluster)
     return notes
 
@@ -90,6 +99,9 @@ def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
 @cli
 def logs(c, job=None, node=None, rank=None, tail=None, follow=False, json=False):
     """Show a job's logs from every node, each line prefixed with node and rank."""
+    from .. import logs as logs_mod
+    from .. import views
+
     rank, tail = count("rank", rank), count("tail", tail)
     if is_connection(c):
         return host_logs(c, job, node, rank, tail, follow, json)
@@ -130,6 +142,10 @@ def logs(c, job=None, node=None, rank=None, tail=None, follow=False, json=False)
 
 def host_logs(c, job, node, rank, tail, follow, as_json):
     """`fab -H NODE logs`: the raw output on that node, formatted as the control node would."""
+    from .. import commands
+    from .. import logs as logs_mod
+    from ..cluster import Session
+
     cluster = cluster_of(c)
     here = host_node(c, cluster)
     if node not in (None, here.name):
@@ -161,6 +177,8 @@ def host_logs(c, job, node, rank, tail, follow, as_json):
 @cli
 def results(c, job, json=False):
     """Summarize a job: status, duration, nodes, GPUs, loss, throughput, checkpoints, errors."""
+    from .. import views
+
     jobs = jobs_of(c)
     job_id = jobs.find(job)
     notes = reconcile(c, jobs, [job_id])
@@ -176,20 +194,45 @@ def results(c, job, json=False):
     "name": "only jobs with this name",
     "status": "only jobs with this status (QUEUED, PENDING, RUNNING, COMPLETED, FAILED, "
               "CANCELLED)",
+    "limit": f"show the latest N jobs (default {JOBS_SHOWN})",
+    "all": "show every job (reads every job's files: slow with a long history)",
     "json": "print the list as JSON",
 })
 @cli
-def list_jobs(c, name=None, status=None, json=False):
-    """List past and running jobs, newest first."""
+def list_jobs(c, name=None, status=None, limit=None, all=False, json=False):
+    """List past and running jobs, newest first (the latest 20 unless --limit or --all)."""
+    from .. import views
+    from ..jobs import job_name
+
+    limit = None if all else count("limit", limit) if limit is not None else JOBS_SHOWN
+    wanted = views.status_filter(status)
     jobs = jobs_of(c)
+    summaries = jobs.summaries()
+    released = jobs.released(summaries)
     ids = jobs.ids()
     if name is not None:
         ids = [j for j in ids if job_name(j) == name]
         if not ids:
             jobs.find(name)  # raises, naming the closest matches
-    notes = reconcile(c, jobs, ids)
+    # Only jobs that may still run are reconciled (their records read); an ended job's status
+    # comes from its history line, so choosing the rows to show reads no job's files.
+    notes = reconcile(c, jobs, [j for j in ids if j not in released])
+    if wanted is not None:
+        def matches(job_id: str) -> bool:
+            if job_id in released:  # ended: its history line has its status
+                return summaries[job_id]["status"] == wanted
+            meta = views.read_object(jobs.dir(job_id) / "metadata.json")[0]
+            if wanted == "STALLED":
+                return views.stall(meta)["stalled"]
+            return meta.get("status") == wanted
+
+        ids = [j for j in ids if matches(j)]
+    shown = ids if limit is None else ids[:limit]
     now = views.utcnow()
-    rows = views.filter_rows([views.job_row(views.load(jobs, j), now) for j in ids], status)
+    rows = [views.job_row(views.load(jobs, j), now) for j in shown]
+    if len(shown) < len(ids):
+        notes.append(f"showing the latest {len(shown)} of {len(ids)} jobs; "
+                     "--limit N or --all for more")
     show(rows, views.jobs_text, json, notes)
 
 
@@ -201,6 +244,8 @@ def list_jobs(c, name=None, status=None, json=False):
 @cli
 def compare(c, first, second, json=False):
     """Compare jobs side by side: hyperparameters and final metrics, differences marked."""
+    from .. import views
+
     jobs = jobs_of(c)
     wanted = [w.strip() for w in f"{first},{second}".split(",") if w.strip()]
     ids = list(dict.fromkeys(jobs.find(w) for w in wanted))
@@ -220,6 +265,7 @@ def compare(c, first, second, json=False):
 @cli
 def status(c, refresh=False, json=False):
     """Show the nodes and their GPUs, running jobs with their progress, and recent jobs."""
+    from .. import health, lifecycle, views
     from ..monitor import status as monitor_status
 
     cluster = cluster_of(c)
