@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ugro import views
+from ugro import render, views
 from ugro.config import Cluster, Node
 from ugro.errors import UgroError
 from ugro.health import Gpu, NodeHealth
@@ -174,6 +174,6 @@ def test_queue_view_lists_in_start_order_with_reasons():
     rows = views.queue(meta, now)
     assert [(r["position"], r["job_id"], r["waiting_s"]) for r in rows] == [
         (1, "c", 60.0), (2, "b", 300.0)]
-    text = views.queue_text(rows)
+    text = render.queue_text(rows)
     assert "after a (RUNNING) (since" in text and "5m 00s" in text
-    assert views.queue_text([]) == "the queue is empty"
+    assert render.queue_text([]) == "the queue is empty"

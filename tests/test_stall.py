@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from ugro import views
+from ugro import records, render, views
 from ugro.config import Cluster, Node
 from ugro.errors import UgroError
 from ugro.jobs import Jobs
 from ugro.monitor import status as monitor_status
-from ugro.monitor.exporter import registry, render
+from ugro.monitor.exporter import registry
+from ugro.monitor.exporter import render as exposition
 from ugro.monitor.sample import GpuSample, NodeSample
 from ugro.monitor.series import Series, db_path
 from ugro.plan import STALL_AFTER, LaunchConfig, parse_duration
@@ -195,18 +196,18 @@ def test_status_and_jobs_show_the_flag(tmp_path):
     record(jobs, "busy_20260301_110500")
     jobs.mark_stalled("quiet_20260301_110000", (NOW - timedelta(minutes=12, seconds=5))
                       .isoformat())
-    recs = [views.load(jobs, j) for j in jobs.ids()]
+    recs = [records.load(jobs, j) for j in jobs.ids()]
     view = views.status({}, recs, [], NOW)
     by_id = {r["job_id"]: r for r in view["running"]}
     assert by_id["quiet_20260301_110000"]["stalled"] is True
     assert by_id["busy_20260301_110500"]["stalled"] is False
     assert by_id["quiet_20260301_110000"]["status"] == "RUNNING"  # --json keeps the real status
-    text = views.status_text(view)
+    text = render.status_text(view)
     assert "STALLED, silent 12m 05s" in text
     rows = [views.job_row(r, NOW) for r in recs]
     assert [r["job_id"] for r in views.filter_rows(rows, "stalled")] == ["quiet_20260301_110000"]
     assert len(views.filter_rows(rows, "RUNNING")) == 2
-    table = views.jobs_text(rows)
+    table = render.jobs_text(rows)
     assert "STALLED" in table and table.count("RUNNING") == 1
     with pytest.raises(UgroError, match="or STALLED"):
         views.filter_rows(rows, "stuck")
@@ -220,7 +221,7 @@ def test_metrics_export_the_supervisors_flag(tmp_path):
     jobs.mark_stalled("quiet_20260301_110000", "2026-03-01T11:00:00+00:00")
     snap = Series(db_path(tmp_path)).latest()
     snap.jobs = {j: progress.job_progress(jobs, j, time.time()) for j in jobs.ids()}
-    text = render(registry(lambda: snap)).decode()
+    text = exposition(registry(lambda: snap)).decode()
     assert 'ugro_job_stalled{job="quiet_20260301_110000",name="quiet"} 1.0' in text
 
 
@@ -253,7 +254,7 @@ def test_status_uses_a_fresh_monitor_sample_only(tmp_path):
     source = monitor_status.source(snap, cluster.nodes)
     assert (source["from"], source["age_s"], source["interval_s"]) == ("monitor", 1.0, 2.0)
     view = views.status({}, [], [], NOW, sampled=({**source, "cluster": "lab"}, rows))
-    text = views.status_text(view)
+    text = render.status_text(view)
     assert "Nodes (lab, from inv monitor's sample 1s old; inv status --refresh" in text
     assert "DOWN" in text and "87.0%" in text and "4.0/12.0 GiB" in text, text
     series.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ugro import commands, logs, views
+from ugro import commands, logs, records, render, views
 from ugro.config import Node
 from ugro.errors import UgroError
 from ugro.jobs import Jobs
@@ -141,7 +141,7 @@ def test_resolve_unknown_names_the_closest_and_bad_names_are_refused(jobs):
 
 def test_load_reads_everything(jobs):
     make_job(jobs.data_dir, "a_20260301_100000", checkpoints=("epoch_10.pt", "epoch_9.pt"))
-    rec = views.load(jobs, "a_20260301_100000")
+    rec = records.load(jobs, "a_20260301_100000")
     assert rec.damaged == []
     assert rec.status == "COMPLETED"
     assert [p.step for p in rec.points] == [10, 20, 30, 40]
@@ -158,35 +158,35 @@ def test_load_reads_everything(jobs):
 ])
 def test_damaged_metadata_is_named_and_the_rest_still_loads(jobs, content, why):
     make_job(jobs.data_dir, "a_20260301_100000", meta=content)
-    rec = views.load(jobs, "a_20260301_100000")
+    rec = records.load(jobs, "a_20260301_100000")
     assert len(rec.damaged) == 1 and rec.damaged[0].startswith(why)
     assert rec.status is None
     assert rec.config["world_size"] == 4
     view = views.results(rec, NOW)
     assert view["metrics"]["final_loss"] == 2.6
     assert [n["node"] for n in view["nodes"]] == ["gpu0", "gpu1"]  # from config.json
-    text = views.results_text(view)
+    text = render.results_text(view)
     assert f"DAMAGED      {why}" in text
     assert "unknown (damaged record)" in text
 
 
 def test_damaged_config_and_binary_garbage(jobs):
     make_job(jobs.data_dir, "a_20260301_100000", config="\x00\xff garbage")
-    rec = views.load(jobs, "a_20260301_100000")
+    rec = records.load(jobs, "a_20260301_100000")
     assert rec.damaged == ["config.json: not valid JSON (Expecting value: line 1 column 1 "
                            "(char 0))"]
     assert rec.status == "COMPLETED"
     (jobs.dir("a_20260301_100000") / "config.json").write_bytes(b"\xff\xfe{")
-    assert views.load(jobs, "a_20260301_100000").damaged[0].startswith(
+    assert records.load(jobs, "a_20260301_100000").damaged[0].startswith(
         "config.json: not valid JSON")
     (jobs.dir("a_20260301_100000") / "config.json").unlink()
-    assert views.load(jobs, "a_20260301_100000").damaged == ["config.json: missing"]
+    assert records.load(jobs, "a_20260301_100000").damaged == ["config.json: missing"]
 
 
 def test_garbage_metrics_lines_are_counted_and_skipped(jobs):
     make_job(jobs.data_dir, "a_20260301_100000",
              metrics=METRICS + "garbage\n[1, 2]\n\x00\x01\n" + METRICS.splitlines()[0] + "\n")
-    rec = views.load(jobs, "a_20260301_100000")
+    rec = records.load(jobs, "a_20260301_100000")
     assert rec.damaged == ["metrics.jsonl: 3 of 8 lines are not JSON objects (first: line 5)"]
     assert len(rec.points) == 5
 
@@ -194,7 +194,7 @@ def test_garbage_metrics_lines_are_counted_and_skipped(jobs):
 def test_metrics_all_garbage_falls_back_to_the_logs(jobs):
     make_job(jobs.data_dir, "a_20260301_100000", metrics="{{{{\n",
              node_logs={"gpu0": "gpu0 r0 | step 5 | epoch 1 | loss 4.1000\n"})
-    rec = views.load(jobs, "a_20260301_100000")
+    rec = records.load(jobs, "a_20260301_100000")
     assert rec.metrics_source == "logs"
     assert [(p.step, p.loss) for p in rec.points] == [(5, 4.1)]
     assert rec.damaged == ["metrics.jsonl: 1 of 1 lines are not JSON objects (first: line 1)"]
@@ -202,10 +202,10 @@ def test_metrics_all_garbage_falls_back_to_the_logs(jobs):
 
 def test_torn_last_line_is_damage_only_once_the_job_ended():
     text = METRICS + '{"step": 50, "lo'
-    assert views.jsonl_problem(text, active=True) is None
-    assert views.jsonl_problem(text, active=False) == (
+    assert records.jsonl_problem(text, active=True) is None
+    assert records.jsonl_problem(text, active=False) == (
         "metrics.jsonl: 1 of 5 lines are not JSON objects (first: line 5)")
-    assert views.jsonl_problem("", active=False) is None
+    assert records.jsonl_problem("", active=False) is None
 
 
 # --- results -----------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_torn_last_line_is_damage_only_once_the_job_ended():
 
 def test_results_facts(jobs):
     make_job(jobs.data_dir, "exp1_20260301_100000")
-    view = views.results(views.load(jobs, "exp1_20260301_100000"), NOW)
+    view = views.results(records.load(jobs, "exp1_20260301_100000"), NOW)
     assert view["status"] == "COMPLETED"
     assert view["duration_s"] == 125.0
     assert view["world_size"] == 4
@@ -222,7 +222,7 @@ def test_results_facts(jobs):
     assert (m["final_loss"], m["best_loss"], m["best_step"], m["steps"]) == (2.6, 2.4, 30, 40)
     assert m["samples_per_sec"] == pytest.approx(125.0)
     assert view["checkpoints"] == [{"name": "epoch_1.pt", "bytes": 2048, "node": None}]
-    text = views.results_text(view)
+    text = render.results_text(view)
     for expected in ("status       COMPLETED", "duration     2m 05s", "world size   4 (2 per node)",
                      "gpu0: NVIDIA GeForce RTX 4070", "gpu1: 2x NVIDIA GeForce RTX 3090",
                      "final loss   2.6000", "best loss    2.4000 (step 30)",
@@ -240,11 +240,11 @@ def test_results_of_a_failed_job_name_the_node_and_show_its_rank(jobs):
     meta = meta_for("bad_20260301_100000", "FAILED", failure=failure, error=failure["summary"])
     meta["nodes"]["gpu0"]["checkpoints"] = ["epoch_2.pt", "epoch_1.pt"]
     make_job(jobs.data_dir, "bad_20260301_100000", meta=meta, metrics="", checkpoints=())
-    view = views.results(views.load(jobs, "bad_20260301_100000"), NOW)
+    view = views.results(records.load(jobs, "bad_20260301_100000"), NOW)
     assert view["failure"]["node"] == "gpu1"
     assert view["checkpoints"] == [{"name": "epoch_1.pt", "bytes": None, "node": "gpu0"},
                                    {"name": "epoch_2.pt", "bytes": None, "node": "gpu0"}]
-    text = views.results_text(view)
+    text = render.results_text(view)
     assert "error        gpu1 rank 3 failed first (exit code 1)" in text
     assert "failed       node gpu1, rank 3, exit code 1" in text
     assert "epoch_1.pt, epoch_2.pt (2, on gpu0)" in text
@@ -255,9 +255,9 @@ def test_results_of_a_failed_job_name_the_node_and_show_its_rank(jobs):
 
 def test_results_of_a_running_job_count_time_until_now(jobs):
     make_job(jobs.data_dir, "run_20260301_100000", meta=meta_for("run_20260301_100000", "RUNNING"))
-    view = views.results(views.load(jobs, "run_20260301_100000"), NOW)
+    view = views.results(records.load(jobs, "run_20260301_100000"), NOW)
     assert view["duration_s"] == 3600.0
-    assert "ended        -" in views.results_text(view)
+    assert "ended        -" in render.results_text(view)
 
 
 def test_plot_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch):
@@ -286,16 +286,16 @@ def test_job_rows_and_status_filter(jobs):
     make_job(jobs.data_dir, "b_20260301_110000",
              meta=meta_for("b_20260301_110000", "FAILED", error="gpu1 rank 3 failed first"))
     make_job(jobs.data_dir, "c_20260301_120000", meta="{")
-    rows = [views.job_row(views.load(jobs, j), NOW) for j in jobs.ids()]
+    rows = [views.job_row(records.load(jobs, j), NOW) for j in jobs.ids()]
     assert [r["job_id"] for r in rows] == ["c_20260301_120000", "b_20260301_110000",
                                            "a_20260301_100000"]
     assert views.status_filter("failed") == "FAILED" and views.status_filter(None) is None
     with pytest.raises(UgroError, match="--status DONE: not a job status"):
         views.status_filter("DONE")
-    text = views.jobs_text(rows)
+    text = render.jobs_text(rows)
     assert "gpu1 rank 3 failed first" in text
     assert "damaged: metadata.json: not valid JSON" in text
-    assert views.jobs_text([]) == "no jobs"
+    assert render.jobs_text([]) == "no jobs"
     json.dumps(rows)
 
 
@@ -305,20 +305,20 @@ def test_compare_marks_what_differs(jobs):
              config=config_for("b_20260301_110000", lr=0.001, script_args=["--seed", "2"]),
              metrics=METRICS.replace("2.6", "1.9"))
     make_job(jobs.data_dir, "c_20260301_120000", config="nope")
-    view = views.compare([views.load(jobs, j) for j in
+    view = views.compare([records.load(jobs, j) for j in
                           ("a_20260301_100000", "b_20260301_110000")], NOW)
     differs = {r["key"]: r["differs"] for r in view["rows"]}
     assert differs["lr"] and differs["script_args"] and differs["final_loss"]
     assert not differs["epochs"] and not differs["status"] and not differs["world_size"]
     assert "name" not in differs and "detach" not in differs
-    lines = views.compare_text(view).splitlines()
+    lines = render.compare_text(view).splitlines()
     assert any(line.startswith("*") and "lr" in line and "0.003" in line and "0.001" in line
                for line in lines)
     assert any(line.startswith("  ") and " epochs " in line for line in lines)
     assert any("final loss" in line and "2.6000" in line and "1.9000" in line for line in lines)
-    damaged = views.compare([views.load(jobs, j) for j in
+    damaged = views.compare([records.load(jobs, j) for j in
                              ("a_20260301_100000", "c_20260301_120000")], NOW)
-    assert "DAMAGED c_20260301_120000: config.json: not valid JSON" in views.compare_text(damaged)
+    assert "DAMAGED c_20260301_120000: config.json: not valid JSON" in render.compare_text(damaged)
 
 
 # --- status ------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def test_state_is_recent_only_for_this_cluster_and_young():
 def test_status_view_and_text(jobs):
     make_job(jobs.data_dir, "run_20260301_110000", meta=meta_for("run_20260301_110000", "RUNNING"),
              metrics=METRICS + '{"step": 50, "lo')
-    history, problem = views.parse_history(
+    history, problem = records.parse_history(
         json.dumps({"job_id": "a_20260301_100000", "name": "a", "status": "COMPLETED",
                     "started_at": T0, "ended_at": T1, "nodes": ["gpu0"], "world_size": 2,
                     "error": None}) + "\nnot json\n"
@@ -359,7 +359,7 @@ def test_status_view_and_text(jobs):
                       "started_at": T0, "ended_at": T0, "nodes": ["gpu0", "gpu1"],
                       "error": "gpu1 rank 3 failed first (exit code 1)"}) + "\n")
     assert problem == "job_history.jsonl: 1 unreadable line(s) skipped (first: line 2)"
-    view = views.status(STATE, [views.load(jobs, "run_20260301_110000")], history, NOW,
+    view = views.status(STATE, [records.load(jobs, "run_20260301_110000")], history, NOW,
                         notes=[problem])
     assert view["health"]["age_s"] == 120.0
     (running,) = view["running"]
@@ -368,14 +368,14 @@ def test_status_view_and_text(jobs):
     assert running["elapsed_s"] == 3600.0 and running["damaged"] == []
     assert [e["job_id"] for e in view["recent"]] == ["b_20260301_100500", "a_20260301_100000"]
     json.dumps(view)
-    text = views.status_text(view)
+    text = render.status_text(view)
     for expected in ("Nodes (home, health checked 2m 00s ago; inv status --refresh",
                      "0: NVIDIA GeForce RTX 4070", "4.0/8.0 GiB", "87%", "UNHEALTHY",
                      "did not answer", "DRIFT: driver differs", "epoch 2/2, step 40",
                      "2.6000", "1h 00m", "gpu1 rank 3 failed first",
                      "note: job_history.jsonl: 1 unreadable"):
         assert expected in text, text
-    empty = views.status_text(views.status({}, [], [], NOW, refreshed=True))
+    empty = render.status_text(views.status({}, [], [], NOW, refreshed=True))
     assert "health checked just now" in empty and empty.count("none") == 2
 
 

@@ -22,7 +22,7 @@ from . import commands
 from .cluster import fan_out, known_hosts_name
 from .config import Cluster, Node
 from .errors import UgroError
-from .views import human_bytes
+from .render import human_bytes
 
 DEFAULT_PATHS = ("scripts", "config", "pixi.toml", "pixi.lock")
 PIXI_FILES = ("pixi.toml", "pixi.lock")

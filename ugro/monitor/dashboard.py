@@ -10,7 +10,7 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .. import views
+from .. import records, views
 from ..errors import UgroError
 from ..jobs import Jobs
 from ..metrics import MetricPoint
@@ -64,12 +64,12 @@ def jobs_view(data_dir: Path, snap: Snapshot) -> dict:
         if progress.is_queued(r["status"]):
             queued.append({**r, "reason": r.get("reason") or "waiting for its nodes to start"})
         elif is_active(r["status"]):
-            rec = views.load(jobs, job_id)
+            rec = records.load(jobs, job_id)
             running.append({**r, **{k: _clean(v) for k, v in views.progress(
                 rec, _utc(snap.now)).items() if k in ("epochs", "elapsed_s")},
                 "curve": curve(rec.points, 500)})
         else:
-            rec = views.load(jobs, job_id)
+            rec = records.load(jobs, job_id)
             row = views.job_row(rec, _utc(snap.now))
             recent.append({k: _clean(v) for k, v in row.items()})
     return {"now": snap.now, "running": running, "queued": queued, "recent": recent}
@@ -78,7 +78,7 @@ def jobs_view(data_dir: Path, snap: Snapshot) -> dict:
 def job_view(data_dir: Path, job_text: str, now: float, lines: int = 50) -> dict:
     jobs = Jobs(data_dir)
     job_id = jobs.find(job_text)
-    rec = views.load(jobs, job_id)
+    rec = records.load(jobs, job_id)
     record = views.results(rec, _utc(now))
     record["metrics"] = {k: _clean(v) for k, v in record["metrics"].items()}
     live = progress.job_progress(jobs, job_id, now)
@@ -93,7 +93,7 @@ def compare_view(data_dir: Path, wanted: list[str], now: float) -> dict:
     ids = list(dict.fromkeys(jobs.find(w) for w in wanted))
     if len(ids) < 2:
         raise UgroError("compare needs two or more different jobs (?jobs=a,b)")
-    records = [views.load(jobs, j) for j in ids]
+    records = [records.load(jobs, j) for j in ids]
     table = views.compare(records, _utc(now))
     for row in table["rows"]:
         row["values"] = [_clean(v) for v in row["values"]]

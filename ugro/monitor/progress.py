@@ -14,7 +14,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from .. import views
+from .. import records
 from ..jobs import Jobs
 from ..logs import LogLine, parse_line
 from ..metrics import MetricPoint, parse_jsonl, parse_log_line
@@ -82,7 +82,7 @@ def job_progress(jobs: Jobs, job_id: str, now: float) -> dict:
     """One job's progress record: status, latest step/loss/rate, log age per node, and
     whether its supervisor flagged it stalled."""
     d = jobs.dir(job_id)
-    meta, damaged = views.read_object(d / "metadata.json")
+    meta, damaged = records.read_object(d / "metadata.json")
     status = meta.get("status")
     nodes = list(meta.get("nodes") or {}) if isinstance(meta.get("nodes"), dict) else []
     nodes = nodes or sorted(p.stem for p in (d / "logs").glob("*.log"))
@@ -120,7 +120,7 @@ def watched(jobs: Jobs) -> list[str]:
     """The active jobs and the most recent finished ones, newest first."""
     out, finished = [], 0
     for job_id in jobs.ids():
-        meta, _ = views.read_object(jobs.dir(job_id) / "metadata.json")
+        meta, _ = records.read_object(jobs.dir(job_id) / "metadata.json")
         if is_active(meta.get("status")):
             out.append(job_id)
         elif finished < RECENT:

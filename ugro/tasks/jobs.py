@@ -91,7 +91,7 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
            script_args=None, stall_after=None, on_stall=None, sync=False, queue=False,
            num_nodes=None, min_gpu_mem=None, priority=None, after=None):
     """Run a distributed torchrun training job on the cluster's nodes (or queue it)."""
-    from .. import lifecycle, schedule, views
+    from .. import lifecycle, records, schedule, views
     from ..cluster import Session
     from ..plan import LaunchConfig
 
@@ -133,7 +133,7 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
         meta = jobs.metadata(job_id)
         if meta["status"] == JobStatus.QUEUED:
             row = next(r for r in views.queue([jobs.metadata(j) for j in jobs.active()],
-                                              views.utcnow()) if r["job_id"] == job_id)
+                                              records.utcnow()) if r["job_id"] == job_id)
             print(f"job {job_id}: queued at position {row['position']} ({row['reason']}); "
                   f"see: inv queue")
             return
@@ -277,7 +277,7 @@ def whole(option: str, value) -> int | None:
 @cli
 def show_queue(c, json=False, run=False, every=15.0):
     """Show the queued jobs in the order they will start, and why each waits."""
-    from .. import schedule, views
+    from .. import records, render, schedule, views
 
     jobs = jobs_of(c)
     if run:
@@ -285,11 +285,11 @@ def show_queue(c, json=False, run=False, every=15.0):
             schedule.watch(jobs, cluster_of(c), ROOT, float(every))
         except KeyboardInterrupt:
             return
-    rows = views.queue([jobs.metadata(j) for j in jobs.active()], views.utcnow())
+    rows = views.queue([jobs.metadata(j) for j in jobs.active()], records.utcnow())
     if json:
         print_json(rows)
     else:
-        print(views.queue_text(rows))
+        print(render.queue_text(rows))
 
 
 ns = Collection(launch, cancel, reset, show_queue)

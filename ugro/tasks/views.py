@@ -61,12 +61,12 @@ def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
     """`lifecycle.reconcile` each active job among these (one whose supervisor died is brought in
     line with its nodes); returns a note for each that could not be. A job that ended so frees
     its nodes: a scheduling pass starts in the background."""
-    from .. import views
+    from .. import records
 
     notes = []
     freed = False
     for job_id in job_ids:
-        meta, damaged = views.read_object(jobs.dir(job_id) / "metadata.json")
+        meta, damaged = records.read_object(jobs.dir(job_id) / "metadata.json")
         if damaged or not watched(meta):
             continue
         from .. import lifecycle  # the launch path: paid only when a job may need it
@@ -100,7 +100,7 @@ def reconcile(c, jobs: Jobs, job_ids: list[str], cluster=None) -> list[str]:
 def logs(c, job=None, node=None, rank=None, tail=None, follow=False, json=False):
     """Show a job's logs from every node, each line prefixed with node and rank."""
     from .. import logs as logs_mod
-    from .. import views
+    from .. import records
 
     rank, tail = count("rank", rank), count("tail", tail)
     if is_connection(c):
@@ -109,7 +109,7 @@ def logs(c, job=None, node=None, rank=None, tail=None, follow=False, json=False)
     job_id = jobs.find(job)
     for line in reconcile(c, jobs, [job_id]):
         note(line)
-    meta, damaged = views.read_object(jobs.dir(job_id) / "metadata.json")
+    meta, damaged = records.read_object(jobs.dir(job_id) / "metadata.json")
     logs_dir = jobs.dir(job_id) / "logs"
     if damaged:
         note(f"job {job_id}: {damaged}; showing the logs that are here")
@@ -177,17 +177,17 @@ def host_logs(c, job, node, rank, tail, follow, as_json):
 @cli
 def results(c, job, json=False):
     """Summarize a job: status, duration, nodes, GPUs, loss, throughput, checkpoints, errors."""
-    from .. import views
+    from .. import records, render, views
 
     jobs = jobs_of(c)
     job_id = jobs.find(job)
     notes = reconcile(c, jobs, [job_id])
-    rec = views.load(jobs, job_id)
-    view = views.results(rec, views.utcnow())
+    rec = records.load(jobs, job_id)
+    view = views.results(rec, records.utcnow())
     path, plot_note = views.plot_loss(rec.points, jobs.dir(job_id) / "artifacts" / "loss.png",
                                       job_id)
     view["plot"] = {"path": str(path) if path else None, "note": plot_note}
-    show(view, views.results_text, json, notes)
+    show(view, render.results_text, json, notes)
 
 
 @task(name="jobs", help={
@@ -201,7 +201,7 @@ def results(c, job, json=False):
 @cli
 def list_jobs(c, name=None, status=None, limit=None, all=False, json=False):
     """List past and running jobs, newest first (the latest 20 unless --limit or --all)."""
-    from .. import views
+    from .. import records, render, views
     from ..jobs import job_name
 
     limit = None if all else count("limit", limit) if limit is not None else JOBS_SHOWN
@@ -221,19 +221,19 @@ def list_jobs(c, name=None, status=None, limit=None, all=False, json=False):
         def matches(job_id: str) -> bool:
             if job_id in released:  # ended: its history line has its status
                 return summaries[job_id]["status"] == wanted
-            meta = views.read_object(jobs.dir(job_id) / "metadata.json")[0]
+            meta = records.read_object(jobs.dir(job_id) / "metadata.json")[0]
             if wanted == "STALLED":
                 return views.stall(meta)["stalled"]
             return meta.get("status") == wanted
 
         ids = [j for j in ids if matches(j)]
     shown = ids if limit is None else ids[:limit]
-    now = views.utcnow()
-    rows = [views.job_row(views.load(jobs, j), now) for j in shown]
+    now = records.utcnow()
+    rows = [views.job_row(records.load(jobs, j), now) for j in shown]
     if len(shown) < len(ids):
         notes.append(f"showing the latest {len(shown)} of {len(ids)} jobs; "
                      "--limit N or --all for more")
-    show(rows, views.jobs_text, json, notes)
+    show(rows, render.jobs_text, json, notes)
 
 
 @task(positional=["first", "second"], help={
@@ -244,7 +244,7 @@ def list_jobs(c, name=None, status=None, limit=None, all=False, json=False):
 @cli
 def compare(c, first, second, json=False):
     """Compare jobs side by side: hyperparameters and final metrics, differences marked."""
-    from .. import views
+    from .. import records, render, views
 
     jobs = jobs_of(c)
     wanted = [w.strip() for w in f"{first},{second}".split(",") if w.strip()]
@@ -252,8 +252,8 @@ def compare(c, first, second, json=False):
     if len(ids) < 2:
         raise UgroError(f"compare needs two different jobs; {', '.join(wanted)} are all {ids[0]}")
     notes = reconcile(c, jobs, ids)
-    view = views.compare([views.load(jobs, j) for j in ids], views.utcnow())
-    show(view, views.compare_text, json, notes)
+    view = views.compare([records.load(jobs, j) for j in ids], records.utcnow())
+    show(view, render.compare_text, json, notes)
 
 
 # -- status ----------------------------------------------------------------------
@@ -265,7 +265,7 @@ def compare(c, first, second, json=False):
 @cli
 def status(c, refresh=False, json=False):
     """Show the nodes and their GPUs, running jobs with their progress, and recent jobs."""
-    from .. import health, lifecycle, views
+    from .. import health, lifecycle, records, render, views
     from ..monitor import status as monitor_status
 
     cluster = cluster_of(c)
@@ -273,8 +273,8 @@ def status(c, refresh=False, json=False):
     data_dir = project_path(c, "data_dir")
     notes = reconcile(c, jobs, jobs.active(), cluster)
     state_file = data_dir / "cluster_state.json"
-    state, _ = views.read_object(state_file)
-    now = views.utcnow()
+    state, _ = records.read_object(state_file)
+    now = records.utcnow()
     # A running monitor sampled every node seconds ago: show that, and probe nothing.
     snap = None if refresh else monitor_status.fresh_snapshot(data_dir, cluster.nodes)
     sampled = None
@@ -285,14 +285,14 @@ def status(c, refresh=False, json=False):
     if fresh:
         reports = health.check(cluster)
         health.save(data_dir, project_path(c, "log_dir"), cluster, reports)
-        state, _ = views.read_object(state_file)
+        state, _ = records.read_object(state_file)
     try:
-        history, damaged = views.parse_history(jobs.history.read_text(errors="replace"))
+        history, damaged = records.parse_history(jobs.history.read_text(errors="replace"))
     except FileNotFoundError:
         history, damaged = [], None
     if damaged:
         notes.append(damaged)
-    active = [views.load(jobs, j) for j in jobs.active()]
+    active = [records.load(jobs, j) for j in jobs.active()]
     running = [r for r in active if r.damaged or watched(r.meta)]
     for rec in running:
         if rec.damaged:
@@ -300,9 +300,9 @@ def status(c, refresh=False, json=False):
                          f"({'; '.join(rec.damaged)})")
         elif rec.status == JobStatus.CANCELLING or not is_active(rec.status):
             notes.append(f"{rec.job_id}: {lifecycle.held_as(rec.meta)}: {rec.meta.get('error')}")
-    queued = views.queue([r.meta for r in active if not r.damaged], views.utcnow())
-    view = views.status(state, running, history, views.utcnow(), fresh, notes, queued, sampled)
-    show(view, views.status_text, json, [])  # status shows its notes itself
+    queued = views.queue([r.meta for r in active if not r.damaged], records.utcnow())
+    view = views.status(state, running, history, records.utcnow(), fresh, notes, queued, sampled)
+    show(view, render.status_text, json, [])  # status shows its notes itself
 
 
 ns = Collection(logs, results, status, list_jobs, compare)
