@@ -13,8 +13,6 @@ from tabulate import tabulate
 from .records import parse_time
 
 TAIL_LINES = 10  # of a failed node's log, on the results screen
-
-
 LABELS = {"duration_s": "duration", "final_loss": "final loss", "best_loss": "best loss",
           "samples_per_sec": "samples/s", "world_size": "world size"}
 
