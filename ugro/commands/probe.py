@@ -12,6 +12,7 @@ from .shell import in_project, join, q, rpath
 PROBE_SOURCE = (Path(__file__).parent.parent / "node_probe.py").read_text()
 PROBE_END = "UGRO_PROBE_END"  # the probe's last line; what a command run after it prints follows
 _SMI_ARGS = "--query-gpu={} --format=csv,noheader,nounits"
+
 # The probe without --deep starts no Python while the node's environment is as it was at the
 # last probe: the Python and torch facts come from a cache in ~/.cache/ugro, keyed on the
 # modification times (and inodes) of the paths the last Python run listed, on $PYTHONPATH

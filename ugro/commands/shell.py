@@ -7,6 +7,7 @@ import shlex
 from ..config import Node
 
 EXIT_MARKER = "\x1eUGRO_EXIT"  # record separator: never part of a training log line
+
 # The marker as printf writes it, and how far from a file's end its line can start
 # (newline, marker, space, an exit code or `killed`/`missing`, newline).
 _MARKER_PRINTF = EXIT_MARKER.replace("\x1e", "\\036")

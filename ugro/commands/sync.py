@@ -128,6 +128,7 @@ def venv_install(node: Node, requirements: str, find_links: str | None = None,
 
 
 ENV_PREFIX = "UGRO_ENV "
+
 # Runs with the node's Python (any 3.8+), from its project path: the lock file's
 # sha256, NCCL's version when pip installed it, and with --packages every
 # installed distribution as name==version (what `pip freeze` lists). Package
