@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import UgroError
+from .fields import ConfigError, Fields, expand, expand_path, whoami
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -26,10 +27,6 @@ SLURM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")  # partition, 
 SLURM_TIME_RE = re.compile(
     r"^(?:\d+(?::\d{1,2}){0,2}|\d+-\d{1,2}(?::\d{1,2}){0,2}|UNLIMITED|INFINITE)$"
 )
-
-
-class ConfigError(UgroError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -148,83 +145,20 @@ class Cluster:
         return Path(os.path.expanduser(self.known_hosts))
 
 
-def _expand(value: str) -> str:
-    # $USER is often unset (cron, containers, sudo -i); it still means "me".
-    user = os.environ.get("USER") or _whoami()
-    return os.path.expandvars(value.replace("${USER}", user).replace("$USER", user))
-
-
-def _expand_path(value: str, local: bool) -> str:
-    # `~` on a remote node means that node's home, which only its shell knows;
-    # the command builders expand it there.
-    value = _expand(value)
-    return os.path.expanduser(value) if local else value
-
-
-class _Fields:
-    """Reads one mapping, naming the field path in every error."""
-
-    def __init__(self, source: Path, path: str, data: Any):
-        self.source, self.path = source, path
-        if not isinstance(data, dict):
-            self.fail("", "expected a mapping")
-        self.data = data
-
-    def fail(self, key: str, why: str):
-        where = f"{self.path}.{key}" if key and self.path else key or self.path
-        raise ConfigError(f"{self.source}: {where}: {why}" if where else f"{self.source}: {why}")
-
-    def get(self, key: str, kind: type | tuple, default: Any = ..., *, required=False):
-        if key not in self.data or self.data[key] is None:
-            if required or default is ...:
-                self.fail(key, "missing")
-            return default
-        value = self.data[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            self.fail(key, f"expected {kinds[0].__name__}, got {value!r}")
-        if float in kinds and isinstance(value, int):
-            return float(value)
-        if not isinstance(value, kinds):
-            self.fail(key, f"expected {kinds[0].__name__}, got {value!r}")
-        return value
-
-    def string(self, key: str, default: Any = ...) -> str:
-        value = self.get(key, (str, int, float), default)
-        return value if value is None else _expand(str(value))
-
-    def port(self, key: str, default: int) -> int:
-        value = self.data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-            self.fail(key, "not a port")
-        return value
-
-    def count(self, key: str, default: int, minimum: int = 0) -> int:
-        value = self.get(key, int, default)
-        if value < minimum:
-            self.fail(key, f"must be >= {minimum}")
-        return value
-
-    def unknown(self, allowed: set[str]):
-        extra = sorted(set(self.data) - allowed)
-        if extra:
-            self.fail(extra[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
-
-
 NODE_FIELDS = {
     "name", "ip", "host", "user", "ssh_port", "port", "identity_file", "project_path",
     "python", "gpus", "cpu_procs", "rank", "local", "env", "gpu_model",
 }
 
 
-def _python_env(f: _Fields, key: str, local: bool) -> PythonEnv:
+def _python_env(f: Fields, key: str, local: bool) -> PythonEnv:
     raw = f.data.get(key)
     if raw is None:
         # The control node trains, by default, in the environment UGRO runs in.
         return PythonEnv(command=sys.executable) if local else PythonEnv()
     if isinstance(raw, str):
-        return PythonEnv(command=_expand(raw))
-    sub = _Fields(f.source, f"{f.path}.{key}", raw)
+        return PythonEnv(command=expand(raw))
+    sub = Fields(f.source, f"{f.path}.{key}", raw)
     sub.unknown({"strategy", "env", "venv", "command"})
     strategy = sub.string("strategy", "system")
     if strategy not in STRATEGIES:
@@ -238,7 +172,7 @@ def _python_env(f: _Fields, key: str, local: bool) -> PythonEnv:
 
 
 def _node(source: Path, path: str, data: Any, default_rank: int) -> Node:
-    f = _Fields(source, path, data)
+    f = Fields(source, path, data)
     f.unknown(NODE_FIELDS)
     name = f.string("name")
     if not NAME_RE.match(name):
@@ -262,24 +196,18 @@ def _node(source: Path, path: str, data: Any, default_rank: int) -> Node:
     return Node(
         name=name,
         host=host,
-        user=f.string("user", None) or os.environ.get("USER") or _whoami(),
+        user=f.string("user", None) or os.environ.get("USER") or whoami(),
         port=port,
         identity_file=os.path.expanduser(identity) if identity else None,
-        project_path=_expand_path(f.string("project_path", "."), local),
+        project_path=expand_path(f.string("project_path", "."), local),
         python=_python_env(f, "python", local),
         gpus=f.count("gpus", 0),
         cpu_procs=f.count("cpu_procs", 1, minimum=1),
         rank=f.count("rank", default_rank),
         local=local,
-        env={k: _expand(str(v)) for k, v in env.items()},
+        env={k: expand(str(v)) for k, v in env.items()},
         gpu_model=f.string("gpu_model", None),
     )
-
-
-def _whoami() -> str:
-    import pwd
-
-    return pwd.getpwuid(os.getuid()).pw_name
 
 
 def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> Cluster:
@@ -293,7 +221,7 @@ def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> 
         raise ConfigError(f"{source}: {where}: invalid YAML ({problem})") from None
     if data is None:
         raise ConfigError(f"{source}: empty file")
-    top = _Fields(source, "", data)
+    top = Fields(source, "", data)
     kind = top.string("backend", "ssh")
     if kind not in ("ssh", "slurm"):
         top.fail("backend", "must be ssh or slurm")
@@ -302,14 +230,14 @@ def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> 
     # `training:` belongs to the training scripts (train_production.py --config FILE).
     top.unknown({"backend", "cluster", "master", "workers", "training", "sync"})
     top.get("training", dict, {})
-    settings = _Fields(source, "cluster", data.get("cluster") or {})
+    settings = Fields(source, "cluster", data.get("cluster") or {})
     settings.unknown({
         "name", "master_port", "rdzv_backend", "health_timeout", "known_hosts", "port_policy",
         "lost_after",
     })
 
     master_raw = top.get("master", dict)
-    master_f = _Fields(source, "master", master_raw)
+    master_f = Fields(source, "master", master_raw)
     trains = master_f.get("train", bool, True)
     master_data = {k: v for k, v in master_raw.items() if k != "train"}
     master = _node(source, "master", master_data, 0)
@@ -349,7 +277,7 @@ def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> 
     lost_after = settings.get("lost_after", float, 30.0)
     if not 0 < lost_after < float("inf"):
         settings.fail("lost_after", "must be a number of seconds > 0")
-    sync = _Fields(source, "sync", data.get("sync") or {})
+    sync = Fields(source, "sync", data.get("sync") or {})
     sync.unknown({"paths"})
     extra_paths = sync.get("paths", list, [])
     return Cluster(
@@ -360,7 +288,7 @@ def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> 
         master_port=settings.port("master_port", 29500),
         rdzv_backend=backend,
         health_timeout=timeout,
-        known_hosts=_expand(settings.string("known_hosts", "~/.ssh/known_hosts")),
+        known_hosts=expand(settings.string("known_hosts", "~/.ssh/known_hosts")),
         port_policy=policy,
         lost_after=lost_after,
         sync_paths=tuple(str(p) for p in extra_paths),
@@ -373,21 +301,21 @@ SLURM_FIELDS = {
 }
 
 
-def _slurm_cluster(top: _Fields, project_root: Path | None) -> Cluster:
+def _slurm_cluster(top: Fields, project_root: Path | None) -> Cluster:
     """`backend: slurm`: the login node, and what every job asks of Slurm."""
     source = top.source
     top.unknown({"backend", "cluster", "slurm", "training"})
     top.get("training", dict, {})
-    settings = _Fields(source, "cluster", top.data.get("cluster") or {})
+    settings = Fields(source, "cluster", top.data.get("cluster") or {})
     settings.unknown({"name"})
-    f = _Fields(source, "slurm", top.get("slurm", dict))
+    f = Fields(source, "slurm", top.get("slurm", dict))
     f.unknown(SLURM_FIELDS)
     login_raw = f.get("login", dict, {"local": True})
     login = _node(source, "slurm.login", {"name": "login", **login_raw}, 0)
     local = login.local
 
     def path(key: str) -> str:
-        value = _expand_path(f.string(key), local)
+        value = expand_path(f.string(key), local)
         if local and project_root is not None and not os.path.isabs(value):
             value = str((project_root / value).resolve())
         if not value.startswith(("/", "~")):
@@ -424,7 +352,7 @@ def _slurm_cluster(top: _Fields, project_root: Path | None) -> Cluster:
         time_limit=time_limit,
         setup=tuple(setup),
         python=_python_env(f, "python", False),
-        env={k: _expand(str(v)) for k, v in env.items()},
+        env={k: expand(str(v)) for k, v in env.items()},
         **names,
     )
     return Cluster(name=settings.string("name", source.stem), source=source, nodes=(login,),
