@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from sshlab import Lab  # noqa: E402
+
+from ugro import procs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +25,30 @@ def lab(tmp_path_factory):
     lab.start()
     yield lab
     lab.stop()
+
+
+@pytest.fixture(scope="module")
+def lab_project(lab):
+    """Each node's project holds the training scripts (what `inv sync` would copy)."""
+    for node in lab.nodes:
+        shutil.copytree(ROOT / "scripts", node.project / "scripts", dirs_exist_ok=True)
+    return lab
+
+
+def tagged_pids(job_id: str) -> list[int]:
+    """Processes on this machine (every lab node lives here) tagged with the job id."""
+    return procs.tagged(b"UGRO_JOB_ID", job_id.encode())
+
+
+def wait_for(predicate, timeout=60.0, every=0.1):
+    """The predicate's first true value, polled every `every` seconds for `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, tagged_pids, wait_for
 
 from ugro import procs
 
@@ -27,20 +26,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 LONG = "--steps-per-epoch 1000 --sleep-per-step 0.2"
 LOST_AFTER = 4.0
-
-
-def tagged_pids(job_id: str) -> list[int]:
-    return procs.tagged(b"UGRO_JOB_ID", job_id.encode())
-
-
-def wait_for(predicate, timeout=60.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not reached in time")
 
 
 def meta_of(data: Path, job_id: str) -> dict:
@@ -58,13 +43,6 @@ def one_line(text: str) -> str:
     lines = [x for x in text.strip().splitlines() if not x.startswith("ugro: note: ")]
     assert len(lines) == 1, text
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def lab_project(lab):
-    for node in lab.nodes:
-        shutil.copytree(ROOT / "scripts", node.project / "scripts", dirs_exist_ok=True)
-    return lab
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,36 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
-
-from ugro import procs
+from conftest import ROOT, tagged_pids, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 FAST = "--steps-per-epoch 6 --log-every 2"
-
-
-def tagged_pids(job_id: str) -> list[int]:
-    """Processes on this machine (every lab node lives here) tagged with the job id."""
-    return procs.tagged(b"UGRO_JOB_ID", job_id.encode())
-
-
-def wait_for(predicate, timeout=60.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not reached in time")
-
-
-@pytest.fixture(scope="module")
-def lab_project(lab):
-    """Each node's project holds the training scripts (what `inv sync` would copy)."""
-    for node in lab.nodes:
-        shutil.copytree(ROOT / "scripts", node.project / "scripts", dirs_exist_ok=True)
-    return lab
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 from sshlab import Lab, free_port
 
 from ugro.config import load_cluster
@@ -107,21 +108,11 @@ def get(url, headers=None):
         return exc.code, exc.read()
 
 
-def wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting")
-
-
 def test_http_endpoints_on_the_lab(lab, tmp_path):
     cluster = cluster_of(lab, tmp_path)
     with Monitor(cluster, tmp_path / "data", MonitorConfig(interval=0.5, port=0)) as mon:
         assert mon.token is None
-        wait_for(lambda: len(mon.snapshot().nodes) == 3)
+        wait_for(lambda: len(mon.snapshot().nodes) == 3, timeout=15.0, every=0.2)
         status, body = get(mon.url + "api/cluster")
         assert status == 200
         assert [n["node"] for n in json.loads(body)["nodes"]] == ["lab0", "lab1", "lab2"]
@@ -217,7 +208,7 @@ def test_prometheus_scrapes_the_dcgm_series(lab, tmp_path):
                     return None
                 return result if len(result) == 3 else None
 
-            result = wait_for(series, timeout=40)
+            result = wait_for(series, timeout=40, every=0.2)
         finally:
             proc.terminate()
             proc.wait(10)
@@ -250,7 +241,8 @@ def test_dashboard_pages_render_in_a_real_browser(lab, tmp_path):
         def sampled(n):
             return len(mon.series.node_history(n, time.time() - 60, time.time())["load"]["ts"])
 
-        wait_for(lambda: all(sampled(n) >= 4 for n in ("lab0", "lab1", "lab2")))
+        wait_for(lambda: all(sampled(n) >= 4 for n in ("lab0", "lab1", "lab2")),
+                 timeout=15.0, every=0.2)
         pages = {
             "cluster": "",
             "jobs": "jobs",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,13 +18,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 SHORT = ("--nproc-per-node", "1", "--epochs", "1", "--script-args", "--steps-per-epoch 4")
 LONG = ("--nproc-per-node", "1", "--epochs", "1",
         "--script-args", "--steps-per-epoch 1000 --sleep-per-step 0.2")
-
-
-@pytest.fixture(scope="module")
-def lab_project(lab):
-    for node in lab.nodes:
-        shutil.copytree(ROOT / "scripts", node.project / "scripts", dirs_exist_ok=True)
-    return lab
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import urllib.request
 from datetime import datetime
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, wait_for
 
 from ugro import procs
 from ugro.config import load_cluster
@@ -48,16 +48,6 @@ def project(lab):
 @pytest.fixture
 def cluster(project, tmp_path):
     return project.cluster_file(tmp_path / "lab.yaml", project.nodes[:2])
-
-
-def wait_for(predicate, timeout=60.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not reached in time")
 
 
 def meta_of(data, job_id):

@@ -186,12 +186,6 @@ def _node(source: Path, path: str, data: Any, default_rank: int) -> Node:
     if not HOST_RE.match(host):
         f.fail("ip", f"not a host name or address: {host!r}")
     port = f.port("ssh_port" if "ssh_port" in f.data else "port", 22)
-    env = f.get("env", dict, {})
-    for k, v in env.items():
-        if not isinstance(k, str) or not ENV_KEY_RE.match(k):
-            f.fail("env", f"not an environment variable name: {k!r}")
-        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
-            f.fail(f"env.{k}", "expected a string")
     identity = f.string("identity_file", None)
     return Node(
         name=name,
@@ -205,7 +199,7 @@ def _node(source: Path, path: str, data: Any, default_rank: int) -> Node:
         cpu_procs=f.count("cpu_procs", 1, minimum=1),
         rank=f.count("rank", default_rank),
         local=local,
-        env={k: expand(str(v)) for k, v in env.items()},
+        env=f.env("env", ENV_KEY_RE),
         gpu_model=f.string("gpu_model", None),
     )
 
@@ -337,12 +331,6 @@ def _slurm_cluster(top: Fields, project_root: Path | None) -> Cluster:
     for i, line in enumerate(setup):
         if not isinstance(line, str) or "\n" in line:
             f.fail(f"setup[{i}]", "expected one line of shell")
-    env = f.get("env", dict, {})
-    for k, v in env.items():
-        if not isinstance(k, str) or not ENV_KEY_RE.match(k):
-            f.fail("env", f"not an environment variable name: {k!r}")
-        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
-            f.fail(f"env.{k}", "expected a string")
     slurm = SlurmSettings(
         shared_dir=shared.rstrip("/") or "/",
         project_path=path("project_path"),
@@ -352,7 +340,7 @@ def _slurm_cluster(top: Fields, project_root: Path | None) -> Cluster:
         time_limit=time_limit,
         setup=tuple(setup),
         python=_python_env(f, "python", False),
-        env={k: expand(str(v)) for k, v in env.items()},
+        env=f.env("env", ENV_KEY_RE),
         **names,
     )
     return Cluster(name=settings.string("name", source.stem), source=source, nodes=(login,),

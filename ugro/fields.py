@@ -74,6 +74,16 @@ class Fields:
             self.fail(key, f"must be >= {minimum}")
         return value
 
+    def env(self, key: str, names) -> dict[str, str]:
+        """Environment variables: names matching the `names` pattern, values made strings."""
+        env = self.get(key, dict, {})
+        for k, v in env.items():
+            if not isinstance(k, str) or not names.match(k):
+                self.fail(key, f"not an environment variable name: {k!r}")
+            if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                self.fail(f"{key}.{k}", "expected a string")
+        return {k: expand(str(v)) for k, v in env.items()}
+
     def unknown(self, allowed: set[str]):
         extra = sorted(set(self.data) - allowed)
         if extra:

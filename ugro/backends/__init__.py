@@ -20,6 +20,21 @@ if TYPE_CHECKING:
     from ..plan import NodePlan
 
 
+class OverSession:
+    """A backend whose connections are one `Session`: closing the backend closes them."""
+
+    session: Session
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 @dataclass(frozen=True)
 class Fetched:
     """A file read from a node: its text, or why there is none."""

@@ -20,7 +20,7 @@ from ..config import Cluster, Node
 from ..errors import UgroError
 from ..plan import rank_env
 from ..state import NodeState
-from . import Fetched, Sink
+from . import Fetched, OverSession, Sink
 
 if TYPE_CHECKING:
     from ..plan import LaunchConfig, NodePlan
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 JOBS_PREFIX = "data/experiments/"  # how the supervisor names a job's files (commands.job_path)
 
 
-class SlurmBackend:
+class SlurmBackend(OverSession):
     schedules = True  # Slurm queues, starts and fails the job fast; UGRO submits and watches
 
     def __init__(self, cluster: Cluster, session: Session | None = None):
@@ -199,12 +199,3 @@ class SlurmBackend:
             if lines and lines[0].startswith("UGRO_NODE "):
                 by_node[lines[0].split()[1]] = "\n".join(lines[1:])
         return by_node
-
-    def close(self) -> None:
-        self.session.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

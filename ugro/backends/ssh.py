@@ -15,7 +15,7 @@ from .. import commands
 from ..cluster import Session, fan_out
 from ..config import Cluster, Node
 from ..state import NodeState
-from . import Fetched, Sink
+from . import Fetched, OverSession, Sink
 
 if TYPE_CHECKING:
     from ..plan import NodePlan
@@ -24,7 +24,7 @@ STATE_RE = re.compile(r"pgid=(\d*) exit=(\S*) alive=([01]) ended=(\d*) stopped=(
                       r"(?: metrics=(\d*))?")
 
 
-class SSHBackend:
+class SSHBackend(OverSession):
     schedules = False
 
     def __init__(self, cluster: Cluster, session: Session | None = None):
@@ -98,12 +98,3 @@ class SSHBackend:
         answers = self.session.run_all(nodes, lambda n: commands.list_files(n, path),
                                        timeout=self.quick)
         return {name: a.stdout.split() if a.ok else None for name, a in answers.items()}
-
-    def close(self) -> None:
-        self.session.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
