@@ -37,6 +37,7 @@ class Sizes:
     sync_tree_mb: int = 50
     log_lines: int = 100_000
     history_jobs: int = 10_000
+    train_steps: int = 200  # per training run
     warm_up: bool = True
 
 
@@ -45,7 +46,7 @@ SIZES = {
     # Runs every section in well under a minute of a 2-core machine; its figures are cold
     # (no warm-up) and not comparable with a full run's.
     "tiny": Sizes(launch_nodes=2, sync_nodes=2, sync_first_nodes=2, sync_tree_mb=1,
-                  log_lines=1_000, history_jobs=200, warm_up=False),
+                  log_lines=1_000, history_jobs=200, train_steps=30, warm_up=False),
 }
 
 
@@ -99,8 +100,9 @@ class Bench:
         self.failures: list[str] = []
         entry = Path(sys.executable).with_name("inv")
         self.inv = [str(entry)] if entry.is_file() else [sys.executable, "-m", "invoke"]
+        on_launch_nodes = {"launch", "cancel", "logs", "training"} & set(only)
         size = max([*(nodes if "health" in only else [1]),
-                    *([sizes.launch_nodes] if {"launch", "cancel", "logs"} & set(only) else []),
+                    *([sizes.launch_nodes] if on_launch_nodes else []),
                     *([sizes.sync_nodes] if "sync" in only else [])])
         self.lab = BenchLab(self.tmp / "lab", size)
 

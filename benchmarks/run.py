@@ -1,7 +1,7 @@
 """What UGRO's control plane costs, side by side with pdsh, plain ssh and torchrun.
 
-    python benchmarks/run.py [--nodes 1,4,16,32] [--only health,cli,launch,cancel,sync,logs]
-                             [--repeat N] [--size full|tiny] [--out FILE]
+    python benchmarks/run.py [--nodes 1,4,16,32] [--repeat N] [--size full|tiny] [--out FILE]
+        [--only health,cli,launch,cancel,sync,logs,history,training]
 
 Runs on the sshd lab of the test suite (tests/sshlab.py: real OpenSSH daemons on 127.0.0.2...,
 nothing leaves loopback), prints markdown tables and writes them to
@@ -32,13 +32,22 @@ sys.path[:0] = [str(_ROOT), str(_ROOT / "tests")]
 
 from benchmarks.bench import SIZES, Bench, say  # noqa: E402
 from benchmarks.measure import CELL_BUDGET_S, ROOT  # noqa: E402
-from benchmarks.sections import cancel, cli, health, history, launch, logs, sync  # noqa: E402
+from benchmarks.sections import (  # noqa: E402
+    cancel,
+    cli,
+    health,
+    history,
+    launch,
+    logs,
+    sync,
+    training,
+)
 from benchmarks.sections.jobs import LAUNCH_BUDGET_S  # noqa: E402
 from benchmarks.sections.logs import LOGS_BUDGET_S  # noqa: E402
 from benchmarks.tables import Section, mark, table  # noqa: E402
 
 SECTIONS = {"health": health, "cli": cli, "launch": launch, "cancel": cancel, "sync": sync,
-            "logs": logs, "history": history}
+            "logs": logs, "history": history, "training": training}
 
 
 def run_sections(bench: Bench) -> list[Section]:

@@ -51,7 +51,7 @@ def test_every_section_at_tiny_size_produces_its_rows(tmp_path):
         [sys.executable, "benchmarks/run.py", "--nodes", "1", "--size", "tiny", "--repeat", "1",
          "--out", str(out)],
         # About 5 minutes on a shared 2-core machine under load 5-8; 1-2 minutes idle.
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=480,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert out.read_text().strip() == p.stdout.strip()
@@ -63,7 +63,7 @@ def test_every_section_at_tiny_size_produces_its_rows(tmp_path):
         "Targets", "Health fan-out", "Health: control-node CPU per check",
         "Health: where the time goes (lab0 unless N is given)", "CLI start-up",
         "Launch (2 nodes, 1 rank each)", "Cancel (2 nodes)", "Sync",
-        "Log streaming (2 nodes × 1,000 lines)", "Growth with history",
+        "Log streaming (2 nodes × 1,000 lines)", "Growth with history", "Training throughput",
     }, p.stderr
     for name, rows in found.items():
         header, body = rows[0], rows[1:]
@@ -79,7 +79,7 @@ def test_every_section_at_tiny_size_produces_its_rows(tmp_path):
     assert {row[-1] for row in targets[1:]} <= {"✓", "✗", "–"}
     # No health fan-out target at N=1; one for each other section, two for the CLI (--list,
     # --help) and three for the history (jobs, status, preflight).
-    assert len(targets) - 1 == 10
+    assert len(targets) - 1 == 11
     (n1,) = found["Health fan-out"][1:]
     assert n1[0] == "1" and all(SECS.fullmatch(c) for c in n1[1:6]), n1
     assert re.fullmatch(r"\d+\.\d\d× pdsh", n1[6]), n1
@@ -109,6 +109,10 @@ def test_every_section_at_tiny_size_produces_its_rows(tmp_path):
     figures([logs[0], logs[2]], "pdsh -R ssh", COUNT)
     figures([logs[0], logs[3], logs[6]], "pdsh -R ssh", RATE)
     assert SECS.fullmatch(logs[-1][1]) and SECS.fullmatch(logs[-1][2]), logs[-1]
+    (train,) = found["Training throughput"][1:]
+    assert train[0] == "samples/s, 2 nodes × 1 rank"
+    assert all(COUNT.fullmatch(c) for c in train[1:3]), train
+    assert re.fullmatch(r"\d\.\d{3}×", train[3]), train
 
     # Everything it started, it stopped: its lab's daemons, and its temporary directory.
     (work,) = re.findall(r"sshd lab nodes in (\S+)", p.stderr)

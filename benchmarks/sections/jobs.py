@@ -190,14 +190,16 @@ def watch_start(n: int, tag: str, t0: float, p: subprocess.Popen,
     return facts
 
 
-def pdsh_torchrun(bench: Bench, cluster: Cluster, tag: str, mode: str) -> tuple[list[str], dict]:
+def pdsh_torchrun(bench: Bench, cluster: Cluster, tag: str, mode: str | None = None,
+                  cfg: LaunchConfig | None = None) -> tuple[list[str], dict]:
     """pdsh running, on every launch node, that node's torchrun command from UGRO's own plan.
 
     One command line for all nodes, as a user would type it: each node picks its own line of
     the plan by the address it was reached on (`$SSH_CONNECTION`).
     """
     bench.tags.add(tag)
-    cfg = LaunchConfig(name=tag, script=JOB, nproc_per_node=1, script_args=("--mode", mode))
+    cfg = cfg or LaunchConfig(name=tag, script=JOB, nproc_per_node=1,
+                              script_args=("--mode", mode))
     nodes = plan(cluster, cfg, tag, free_port(cluster.nodes[0].host))
     def line(p) -> str:
         exports = "export " + " ".join(
