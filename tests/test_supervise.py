@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 from ugro import schedule
 from ugro.config import parse_cluster
 from ugro.jobs import Jobs
 from ugro.state import JobStatus, in_queue, watched
-from ugro.supervise import Supervisor
+from ugro.supervise import Supervisor, started
 
 CLUSTER = """
 master: {name: a, local: true}
@@ -100,3 +102,25 @@ def test_allocated_only_while_queued(tmp_path):
     jobs.finish(job_id, JobStatus.CANCELLED, error="cancelled by user")
     meta = jobs.mark_allocated(job_id, {"n1": {"node_rank": 0, "nproc": 1}})
     assert meta["status"] == "CANCELLED" and meta["nodes"] == {}
+
+
+def pending(tmp_path) -> tuple[Jobs, str]:
+    jobs = Jobs(tmp_path / "data")
+    job_id = jobs.create("exp")
+    jobs.begin(job_id, "exp", cluster_file="c.yaml", world_size=2, master="x:1",
+               nodes={n: {"node_rank": i, "nproc": 1} for i, n in enumerate("ab")})
+    return jobs, job_id
+
+
+def test_a_launch_that_died_before_recording_the_start_hands_the_job_over(tmp_path):
+    jobs, job_id = pending(tmp_path)
+    # The launcher is not this process's parent any more: it is gone.
+    assert started(jobs, job_id, launcher=os.getppid() + 1, settle=0)
+    assert jobs.metadata(job_id)["status"] == JobStatus.RUNNING
+
+
+def test_a_start_the_launch_recorded_as_failed_is_not_supervised(tmp_path):
+    jobs, job_id = pending(tmp_path)
+    jobs.finish(job_id, JobStatus.FAILED, error="start failed: b: no route")
+    assert not started(jobs, job_id, launcher=os.getppid())
+    assert jobs.metadata(job_id)["status"] == JobStatus.FAILED

@@ -11,6 +11,7 @@ the job is supervised without the user's terminal.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -229,7 +230,7 @@ def spawn_supervisor(jobs: Jobs, cluster: Cluster, job_id: str) -> int:
         log = subprocess.DEVNULL  # a full disk: the supervisor still runs, and says why it can
     proc = subprocess.Popen(
         [sys.executable, "-m", "ugro.supervise", "--data-dir", str(jobs.data_dir.resolve()),
-         "--cluster", str(cluster.source.resolve()), job_id],
+         "--cluster", str(cluster.source.resolve()), "--launcher", str(os.getpid()), job_id],
         cwd=PACKAGE_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
     )
     if log is not subprocess.DEVNULL:

@@ -24,6 +24,7 @@ node's stream ends without its exit marker.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -397,16 +398,25 @@ def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def started(jobs: Jobs, job_id: str, timeout: float = 120.0) -> bool:
-    """Whether the job's nodes started. A launch spawns its supervisor while the nodes start,
-    so the record may still be PENDING: wait for RUNNING, or for the launch to record that
-    the start failed (then there is nothing to supervise)."""
-    deadline = time.monotonic() + timeout
+def started(jobs: Jobs, job_id: str, launcher: int, settle: float = 2.0) -> bool:
+    """Whether there is a job to supervise. A launch spawns its supervisor while the nodes
+    start, so the record may still be PENDING: wait for RUNNING, or for the launch to record
+    that the start failed (then there is nothing to supervise).
+
+    A launch that dies in between records neither: its process, `launcher`, is no longer
+    this one's parent (so gone, even before this process started). Then the
+    supervisor takes the job over as RUNNING, after `settle` seconds for a start still on
+    its way to a node. A node where nothing started then ends as `missing`, which fails the
+    job and stops the others, so nothing is left running whatever the launch had done.
+    """
     while (status := JobStatus.parse(jobs.metadata(job_id)["status"])) is JobStatus.PENDING:
-        if time.monotonic() > deadline:
-            say(f"{job_id}: still PENDING after {timeout:g}s; its launch must have died: "
-                "inv status reconciles it")
-            return False
+        if os.getppid() != launcher:
+            time.sleep(settle)
+            if JobStatus.parse(jobs.metadata(job_id)["status"]) is JobStatus.PENDING:
+                say(f"{job_id}: its launch ended before recording the start; supervising "
+                    "what the nodes have")
+                jobs.mark_running(job_id, {})
+            continue
         time.sleep(0.05)
     return not status.is_terminal()
 
@@ -416,13 +426,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", required=True, type=Path)
     parser.add_argument("--cluster", required=True)
     parser.add_argument("--grace", type=float, default=3.0)
+    parser.add_argument("--launcher", type=int, default=None,
+                        help="pid of the launch that spawned this process (see `started`)")
     parser.add_argument("job_id")
     args = parser.parse_args(argv)
     try:
         validate_name(args.job_id)
         cluster = load_cluster(args.cluster)
         jobs = Jobs(args.data_dir)
-        if not started(jobs, args.job_id):
+        if not started(jobs, args.job_id, args.launcher or os.getppid()):
             return 0
         meta = Supervisor(jobs, cluster, args.job_id, args.grace).run()
     except UgroError as exc:
