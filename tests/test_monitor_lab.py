@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import wait_for, write_jobs
 from sshlab import Lab, free_port
 
 from ugro.config import load_cluster
@@ -150,37 +150,6 @@ def test_inv_monitor_refuses_bad_options(inv):
 
 
 # -- real consumers: Prometheus and a headless browser ------------------------------------
-def write_jobs(data: Path) -> None:
-    """A running job with metrics and logs, a finished one and a failed one."""
-    specs = [
-        ("exp_20260101_100000", "RUNNING", None),
-        ("exp_20260101_090000", "COMPLETED", None),
-        ("bad_20260101_080000", "FAILED", {"summary": "lab1 rank 1 exited with code 1",
-                                           "tail": ["Traceback ...", "RuntimeError: boom"]}),
-    ]
-    for job_id, status, failure in specs:
-        d = data / "experiments" / job_id
-        (d / "logs").mkdir(parents=True)
-        meta = {"job_id": job_id, "name": job_id.split("_")[0], "status": status,
-                "world_size": 3, "started_at": "2026-01-01T10:00:00+00:00",
-                "nodes": {"lab0": {"node_rank": 0, "nproc": 1}, "lab1": {"node_rank": 1,
-                                                                         "nproc": 2}}}
-        if status != "RUNNING":
-            meta["ended_at"] = "2026-01-01T10:30:00+00:00"
-        if failure:
-            meta.update(failure=failure, error=failure["summary"])
-        (d / "metadata.json").write_text(json.dumps(meta))
-        (d / "config.json").write_text(json.dumps({"launch": {"epochs": 3, "lr": 0.003}}))
-        scale = 1.0 if status == "RUNNING" else 1.3
-        (d / "metrics.jsonl").write_text("".join(
-            json.dumps({"step": s, "epoch": s / 40, "loss": scale * 4 / (1 + s / 20),
-                        "samples_per_sec": 120.0}) + "\n" for s in range(0, 120, 5)))
-        for node, ranks in (("lab0", [0]), ("lab1", [1, 2])):
-            (d / "logs" / f"{node}.log").write_text("".join(
-                f"{node} r{r} | step {s} | loss {4 / (1 + s / 20):.4f}\n"
-                for s in range(0, 120, 20) for r in ranks))
-
-
 @pytest.mark.slow
 def test_prometheus_scrapes_the_dcgm_series(lab, tmp_path):
     binary = shutil.which("prometheus")

@@ -93,11 +93,11 @@ def compare_view(data_dir: Path, wanted: list[str], now: float) -> dict:
     ids = list(dict.fromkeys(jobs.find(w) for w in wanted))
     if len(ids) < 2:
         raise UgroError("compare needs two or more different jobs (?jobs=a,b)")
-    records = [records.load(jobs, j) for j in ids]
-    table = views.compare(records, _utc(now))
+    loaded = [records.load(jobs, j) for j in ids]
+    table = views.compare(loaded, _utc(now))
     for row in table["rows"]:
         row["values"] = [_clean(v) for v in row["values"]]
-    return {"now": now, **table, "curves": {r.job_id: curve(r.points) for r in records}}
+    return {"now": now, **table, "curves": {r.job_id: curve(r.points) for r in loaded}}
 
 
 def _utc(ts: float) -> datetime:
