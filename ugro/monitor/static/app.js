@@ -26,6 +26,11 @@ const ago = s => (s === null || s === undefined) ? "-" : s < 90 ? `${num(s, 0)}s
   : s < 5400 ? `${num(s / 60, 0)}m ago` : `${num(s / 3600, 1)}h ago`;
 const when = ts => ts ? new Date(ts * 1000).toLocaleString() : "-";
 const gib = kib => kib ? `${num(kib / 1048576, 1)} GiB` : "-";
+// A compared value as people read it: durations in h/m/s, other floats to 4 significant digits.
+const span = s => s < 90 ? `${num(s, 0)}s` : s < 5400 ? `${num(s / 60, 1)}m` : `${num(s / 3600, 1)}h`;
+const cell = (key, v) => v === null || v === undefined ? "-"
+  : typeof v !== "number" ? v
+  : key.endsWith("_s") ? span(v) : Number.isInteger(v) ? v : Number(v.toPrecision(4));
 const jobLink = id => el("a", { href: "/job/" + encodeURIComponent(id) }, id);
 
 async function get(url) {
@@ -172,7 +177,7 @@ async function comparePage() {
   const data = await get(`/api/compare?jobs=${encodeURIComponent(jobs)}`);
   const rows = data.rows.map(r => {
     const tr = el("tr", { class: r.differs ? "differs" : "" }, el("td", {}, r.section),
-                  el("td", {}, r.key), r.values.map(v => el("td", {}, v ?? "-")));
+                  el("td", {}, r.key), r.values.map(v => el("td", {}, cell(r.key, v))));
     return tr;
   });
   const box = el("div", { class: "chart", id: "compare-curves" });
