@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 
@@ -246,3 +247,16 @@ def test_json_lines_parses_whole_and_finds_the_bad_lines():
     assert json_lines('{"a": 1}\n\n[2]\n') == ([(1, {"a": 1}), (3, [2])], [])
     assert json_lines('{"a": 1}\n{"b": \n3\n') == ([(1, {"a": 1}), (3, 3)], [2])
     assert json_lines('1, 2\n') == ([], [1])  # two values on one line is not one line's value
+
+
+def test_ids_newest_first_skipping_half_made_directories_unless_known(tmp_path):
+    jobs = Jobs(tmp_path)
+    older = jobs.create("a", when=datetime(2026, 1, 1, 9, 0, 0))
+    jobs.begin(older, "a", cluster_file="c.yaml", world_size=1, master="x:1",
+               nodes={"a": {"node_rank": 0, "nproc": 1}})
+    newer = begun(jobs, "b")
+    (jobs.root / "c_20260101_100000").mkdir()  # a launch that has not written its record yet
+    assert jobs.ids() == [newer, older]
+    assert jobs.ids(skip={newer}) == [older]
+    # A job in the history has a record: it is taken without a look at its files.
+    assert jobs.ids(known={"c_20260101_100000"}) == [newer, "c_20260101_100000", older]

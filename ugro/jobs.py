@@ -335,13 +335,16 @@ class Jobs:
             return meta
 
     # -- finding jobs -------------------------------------------------------
-    def ids(self, skip: set[str] = frozenset()) -> list[str]:
-        """Every job id, newest first; those in `skip` are left out without a look."""
+    def ids(self, skip: set[str] = frozenset(), known: set[str] = frozenset()) -> list[str]:
+        """Every job id, newest first; those in `skip` are left out and those in `known` (in
+        the history, so with a record) taken, each without a look at its files."""
         try:
             names = os.listdir(self.root)
         except OSError:
             return []
-        ids = [n for n in names if n not in skip and (self.root / n / "metadata.json").exists()]
+        root = str(self.root)
+        ids = [n for n in names if n not in skip and (
+            n in known or os.path.exists(os.path.join(root, n, "metadata.json")))]
         return sorted(ids, key=started_key, reverse=True)
 
     def find(self, text: str | None) -> str:
@@ -376,9 +379,8 @@ class Jobs:
 
     def active(self) -> list[str]:
         """Jobs not over: queued, starting, running or cancelling ones, ones with a node still to
-        stop, and ones
-        whose record is too damaged to tell and that never ended (no history line): damage
-        must never free a busy node."""
+        stop, and ones whose record is too damaged to tell and that never ended (no history
+        line): damage must never free a busy node."""
         summaries = self.summaries()
         out = []
         for job_id in self.ids(skip=self.released(summaries)):
@@ -419,8 +421,11 @@ def job_name(job_id: str) -> str:
     return re.sub(r"_\d{8}_\d{6}(_\d+)?$", "", job_id)
 
 
+_STARTED = re.compile(r"_(\d{8}_\d{6})(?:_(\d+))?$")
+
+
 def started_key(job_id: str) -> str:
-    m = re.search(r"_(\d{8}_\d{6})(?:_(\d+))?$", job_id)
+    m = _STARTED.search(job_id)
     if not m:
         return ""
     return f"{m.group(1)}_{int(m.group(2) or 1):04d}"

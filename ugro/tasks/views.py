@@ -209,7 +209,7 @@ def list_jobs(c, name=None, status=None, limit=None, all=False, json=False):
     jobs = jobs_of(c)
     summaries = jobs.summaries()
     released = jobs.released(summaries)
-    ids = jobs.ids()
+    ids = jobs.ids(known=set(summaries))
     if name is not None:
         ids = [j for j in ids if job_name(j) == name]
         if not ids:
@@ -265,13 +265,14 @@ def compare(c, first, second, json=False):
 @cli
 def status(c, refresh=False, json=False):
     """Show the nodes and their GPUs, running jobs with their progress, and recent jobs."""
-    from .. import health, lifecycle, records, render, views
+    from .. import health, records, render, views
     from ..monitor import status as monitor_status
 
     cluster = cluster_of(c)
     jobs = jobs_of(c)
     data_dir = project_path(c, "data_dir")
-    notes = reconcile(c, jobs, jobs.active(), cluster)
+    active_ids = jobs.active()
+    notes = reconcile(c, jobs, active_ids, cluster)
     state_file = data_dir / "cluster_state.json"
     state, _ = records.read_object(state_file)
     now = records.utcnow()
@@ -292,13 +293,16 @@ def status(c, refresh=False, json=False):
         history, damaged = [], None
     if damaged:
         notes.append(damaged)
-    active = [records.load(jobs, j) for j in jobs.active()]
+    # The jobs active before reconciling (one that ended since is left out below by `watched`).
+    active = [records.load(jobs, j) for j in active_ids]
     running = [r for r in active if r.damaged or watched(r.meta)]
     for rec in running:
         if rec.damaged:
             notes.append(f"{rec.job_id}: holds its nodes until its record is fixed or removed "
                          f"({'; '.join(rec.damaged)})")
         elif rec.status == JobStatus.CANCELLING or not is_active(rec.status):
+            from .. import lifecycle  # the launch path: paid only when a job holds its nodes
+
             notes.append(f"{rec.job_id}: {lifecycle.held_as(rec.meta)}: {rec.meta.get('error')}")
     queued = views.queue([r.meta for r in active if not r.damaged], records.utcnow())
     view = views.status(state, running, history, records.utcnow(), fresh, notes, queued, sampled)
