@@ -265,7 +265,7 @@ def compare(c, first, second, json=False):
 @cli
 def status(c, refresh=False, json=False):
     """Show the nodes and their GPUs, running jobs with their progress, and recent jobs."""
-    from .. import health, records, render, views
+    from .. import records, render, views
     from ..monitor import status as monitor_status
 
     cluster = cluster_of(c)
@@ -284,6 +284,8 @@ def status(c, refresh=False, json=False):
                    monitor_status.node_rows(snap, cluster.nodes))
     fresh = snap is None and (refresh or not views.state_is_recent(state, cluster.name, now))
     if fresh:
+        from .. import health  # the probe: paid only when the nodes are asked
+
         reports = health.check(cluster)
         health.save(data_dir, project_path(c, "log_dir"), cluster, reports)
         state, _ = records.read_object(state_file)
