@@ -10,6 +10,7 @@ and stops exactly the daemons it started. Nothing here leaves 127.0.0.0/8.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -56,6 +57,28 @@ def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def rendezvous_port() -> int:
+    """A free port for a job's rendezvous store, below the kernel's ephemeral range.
+
+    The store binds every address. A port from the ephemeral range can meanwhile become the
+    local end of any outgoing connection (an SSH session of another test), and the store's
+    bind then fails with EADDRINUSE: a busy test run showed it. Real clusters use 29500.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(20000, max(20001, low - 100))  # room for `next-free`'s search
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range for a rendezvous")
 
 
 def port_open(host: str, port: int) -> bool:
@@ -239,7 +262,7 @@ LogLevel ERROR
         return {
             "cluster": {
                 "name": "lab",
-                "master_port": master_port or free_port("127.0.0.1"),
+                "master_port": master_port or rendezvous_port(),
                 "rdzv_backend": "c10d",
                 "health_timeout": timeout,
                 "known_hosts": str(self.known_hosts),

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sshlab import free_port
+from sshlab import rendezvous_port
 
 from benchmarks.bench import JOB, Bench, job_processes, kill, say, supervisors
 from benchmarks.measure import ROOT, Cell, Failed, last_line, run, wait_until, why
@@ -200,7 +200,7 @@ def pdsh_torchrun(bench: Bench, cluster: Cluster, tag: str, mode: str | None = N
     bench.tags.add(tag)
     cfg = cfg or LaunchConfig(name=tag, script=JOB, nproc_per_node=1,
                               script_args=("--mode", mode))
-    nodes = plan(cluster, cfg, tag, free_port(cluster.nodes[0].host))
+    nodes = plan(cluster, cfg, tag, rendezvous_port())
     def line(p) -> str:
         exports = "export " + " ".join(
             f"{k}={commands.q(v)}" for k, v in {"UGRO_JOB_ID": tag, **p.env}.items()) + "; "
