@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,12 @@ from sshlab import Lab  # noqa: E402
 from ugro import procs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A test run started in the background of a shell without job control inherits SIGINT
+# ignored, and so would every `inv` it starts: the Ctrl-C tests would then wait forever.
+# A handler (unlike SIG_IGN) is reset on exec, so the children start with the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
