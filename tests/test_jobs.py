@@ -176,8 +176,8 @@ def test_detached_wait_reports_nodes_that_never_ran_when_the_job_fails(tmp_path,
     from ugro import lifecycle
 
     class NoRanks:
-        def ranks_running(self, nodes, job_id):
-            return {n.name: None for n in nodes}
+        def await_ranks(self, node, job_id, want, timeout):
+            return None
 
         def close(self):
             pass

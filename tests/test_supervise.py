@@ -71,6 +71,14 @@ def test_the_first_of_two_failures_keeps_the_blame(tmp_path):
     assert sup.failure.node == "c"
 
 
+def test_a_node_where_the_job_never_started_is_named_as_such(tmp_path):
+    sup, killer = supervisor(tmp_path)
+    end(sup, killer, "a", "0")
+    end(sup, killer, "c", "missing")
+    assert sup.failure.summary == "the job never started on c"
+    assert killer.stopped == [["b"]]
+
+
 def test_a_scheduler_run_job_leaves_stopping_the_others_to_the_scheduler(tmp_path):
     sup, killer = supervisor(tmp_path, schedules=True)
     end(sup, killer, "a", "143")

@@ -52,6 +52,7 @@ class Jobs:
         self.data_dir = Path(data_dir)
         self.root = self.data_dir / "experiments"
         self.history = self.data_dir / "job_history.jsonl"
+        self._lines: tuple[tuple, list, list] | None = None  # (file signature, values, bad)
 
     def dir(self, job_id: str) -> Path:
         return self.root / job_id
@@ -125,14 +126,27 @@ class Jobs:
             return None
         return list(nodes) if isinstance(nodes, dict) else None
 
+    def history_lines(self) -> tuple[list[tuple[int, object]], list[int]]:
+        """job_history.jsonl as `store.json_lines` reads it: (line number, value) pairs, and
+        the numbers of the unreadable lines. Read once per process while the file is
+        unchanged: a command that asks several questions of a long history parses it once."""
+        try:
+            st = os.stat(self.history)
+        except OSError:
+            return [], []
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._lines is None or self._lines[0] != sig:
+            try:
+                text = self.history.read_text(errors="replace")
+            except OSError:
+                return [], []
+            self._lines = (sig, *store.json_lines(text))
+        return self._lines[1], self._lines[2]
+
     def summaries(self) -> dict[str, dict]:
         """job id -> its line in job_history.jsonl (a job gets its line when it ends), in the
         file's order; damaged lines are skipped."""
-        try:
-            text = self.history.read_text(errors="replace")
-        except OSError:
-            return {}
-        entries, _ = store.json_lines(text)
+        entries, _ = self.history_lines()
         return {e["job_id"]: e for _, e in entries
                 if isinstance(e, dict) and isinstance(e.get("job_id"), str)}
 

@@ -192,35 +192,40 @@ def wait_for_ranks(jobs: Jobs, cluster: Cluster, job_id: str, timeout: float = 3
                    poll: float = 0.05, session: Session | None = None) -> dict[str, str]:
     """Wait until every node runs all its ranks; node -> 'N/N ranks', 'ended' or why not.
 
-    Returns early when the job stops being active (a node failed at start-up); the nodes
-    that had not reported by then say so.
+    Each node watches for its own ranks (`Backend.await_ranks`: one command per node, no
+    polling over SSH while torchrun's agents start). Returns early when the job stops being
+    active (a node failed at start-up); the nodes that had not reported by then say so.
     """
     meta = jobs.metadata(job_id)
     want = {name: facts.get("nproc") or 1 for name, facts in meta["nodes"].items()}
     nodes = [cluster.node(n) for n in want]
-    seen: dict[str, str] = {}
+    answers: dict[str, int | str | None] = {}
     deadline = time.monotonic() + timeout
     with closing(backend_for(cluster, session and _Lent(session))) as backend:
-        while True:
-            pending = [n for n in nodes if n.name not in seen]
-            for name, running in backend.ranks_running(pending, job_id).items():
-                if running == "ended":
-                    seen[name] = "ended"
-                elif isinstance(running, int) and running >= want[name]:
-                    seen[name] = f"{running}/{want[name]} ranks"
-            if len(seen) == len(nodes):
-                break
-            status = jobs.metadata(job_id).get("status")
-            if not is_active(status):
-                for n in nodes:
-                    seen.setdefault(n.name, f"never ran all its ranks (job {status})")
-                break
-            if time.monotonic() > deadline:
-                for n in nodes:
-                    seen.setdefault(n.name, "not all ranks started yet")
+        def watch(node: Node) -> None:
+            answers[node.name] = backend.await_ranks(node, job_id, want[node.name], timeout)
+
+        watchers = [threading.Thread(target=watch, args=(n,), daemon=True) for n in nodes]
+        for w in watchers:
+            w.start()
+        while any(w.is_alive() for w in watchers) and time.monotonic() < deadline:
+            if not is_active(jobs.metadata(job_id).get("status")):
                 break
             time.sleep(poll)
-    return {n.name: seen[n.name] for n in nodes}  # node order, whoever was first
+    status = jobs.metadata(job_id).get("status")
+
+    def said(name: str) -> str:
+        got = answers.get(name)
+        if got == "ended" or isinstance(got, int) and got >= want[name]:
+            return "ended" if got == "ended" else f"{got}/{want[name]} ranks"
+        if not is_active(status):
+            return f"never ran all its ranks (job {status})"
+        if got == "missing":
+            return "never started there"
+        return "did not answer" if name in answers and got is None else \
+            "not all ranks started yet"
+
+    return {n.name: said(n.name) for n in nodes}  # node order, whoever was first
 
 
 def spawn_supervisor(jobs: Jobs, cluster: Cluster, job_id: str) -> int:

@@ -124,7 +124,14 @@ def load(jobs: Jobs, job_id: str) -> JobRecord:
 
 def parse_history(text: str) -> tuple[list[dict], str | None]:
     """The entries of job_history.jsonl, newest first, and what was wrong with it, if anything."""
-    values, bad = store.json_lines(text)
+    return history_entries(*store.json_lines(text))
+
+
+def history_entries(values: list[tuple[int, object]], bad: list[int]
+                    ) -> tuple[list[dict], str | None]:
+    """`parse_history` from the file's lines as `store.json_lines` (or `Jobs.history_lines`)
+    read them."""
+    bad = list(bad)
     entries = []
     for number, entry in values:
         if isinstance(entry, dict) and isinstance(entry.get("job_id"), str):

@@ -280,8 +280,9 @@ class Supervisor:
             cause = first_error(tail)
             self.failure = Failure(
                 node=node.name, rank=rank, exit_code=exit_code_int(code), at=now(),
-                summary=why or f"{where} failed first (exit code {code})"
-                + (f": {cause}" if cause else ""),
+                summary=why or (f"the job never started on {node.name}" if code == "missing"
+                                else f"{where} failed first (exit code {code})"
+                                + (f": {cause}" if cause else "")),
                 log_tail=tail,
             )
         others = [n for n in self.nodes if n is not node and n.name not in self.codes]

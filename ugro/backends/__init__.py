@@ -67,8 +67,10 @@ class Backend(Protocol):
 
     def states(self, nodes: list[Node], job_id: str) -> dict[str, NodeState]: ...
 
-    def ranks_running(self, nodes: list[Node], job_id: str) -> dict[str, int | str | None]:
-        """How many ranks run on each node, `ended` once its torchrun exited, None unknown."""
+    def await_ranks(self, node: Node, job_id: str, want: int,
+                    timeout: float) -> int | str | None:
+        """Wait until `want` ranks run on the node; how many run then, `ended` once its
+        torchrun exited, `missing` if it never started there, None when nobody can tell."""
 
     def stop(self, nodes: list[Node], job_id: str, grace: float) -> dict[str, str]:
         """Stop the job on these nodes; node -> `stopped`, `still-alive` or why it could not."""

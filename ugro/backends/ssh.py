@@ -68,13 +68,12 @@ class SSHBackend(OverSession):
                 out[name] = NodeState(error=a.error or a.stderr.strip() or "no answer")
         return out
 
-    def ranks_running(self, nodes: list[Node], job_id: str) -> dict[str, int | str | None]:
-        out: dict[str, int | str | None] = {}
-        for name, a in self.session.run_all(
-                nodes, lambda n: commands.ranks_started(n, job_id), timeout=self.quick).items():
-            text = a.stdout.strip()
-            out[name] = "ended" if text == "ended" else int(text) if text.isdigit() else None
-        return out
+    def await_ranks(self, node: Node, job_id: str, want: int,
+                    timeout: float) -> int | str | None:
+        a = self.session.run(node, commands.await_ranks(node, job_id, want, timeout),
+                             timeout=timeout + self.quick)
+        text = a.stdout.strip()
+        return int(text) if text.isdigit() else text if text in ("ended", "missing") else None
 
     def stop(self, nodes: list[Node], job_id: str, grace: float) -> dict[str, str]:
         answers = self.session.run_all(nodes, lambda n: commands.kill_job(n, job_id, grace),

@@ -12,6 +12,7 @@ preflight, the monitor's sample); `job`: a job's processes and files on a node;
 
 from .job import (  # noqa: F401
     RDZV_STORE,
+    await_ranks,
     job_output,
     job_path,
     job_state,
@@ -21,7 +22,6 @@ from .job import (  # noqa: F401
     make_project_dirs,
     node_job_dir,
     node_job_dirs,
-    ranks_started,
     read_file,
     start_job,
     watch_job,

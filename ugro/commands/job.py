@@ -203,17 +203,33 @@ def kill_job(node: Node, job_id: str, grace: float = 3.0) -> str:
     )
 
 
-def ranks_started(node: Node, job_id: str) -> str:
-    """Print how many of the job's ranks (torchrun workers) run on this node, and
-    `ended` if the node's launch is already over (an exit code is written)."""
+def await_ranks(node: Node, job_id: str, want: int, timeout: float,
+                poll: float = 0.1) -> str:
+    """Wait on the node until `want` of the job's ranks (torchrun workers) run there; print
+    how many run, or `ended` once the node's launch is over (an exit code is written, or
+    its process group is gone), or `missing` when it never started here.
+
+    One command that watches locally instead of a question asked over SSH again and again:
+    while torchrun's agents import torch, a poll from the control node costs every node an
+    sshd session and a shell many times a second. Prints the count it reached when `timeout`
+    runs out.
+    """
     d = node_job_dir(node, job_id)
+    ticks = max(1, int(timeout / poll))
     return in_project(
         node,
-        f"D={q(d)}; J={q(job_id)}; N={q(node.name)}" + _TAGGED + "\n"
-        '[ -e "$D/exit_code" ] && { echo ended; exit 0; }; n=0; '
-        "for p in $(tagged); do "
-        "  grep -qz '^LOCAL_RANK=' /proc/$p/environ 2>/dev/null && n=$((n+1)); "
-        'done; echo "$n"',
+        f"D={q(d)}; J={q(job_id)}; N={q(node.name)}" + _ALIVE + "\n"
+        f"i=0; n=0; while [ $i -lt {ticks} ]; do "
+        '[ -e "$D/exit_code" ] && { echo ended; exit 0; }; '
+        'f=$(grep -lzxF "UGRO_JOB_ID=$J" /proc/[0-9]*/environ 2>/dev/null); '
+        '[ -z "$f" ] || f=$(grep -lzxF "UGRO_NODE=$N" $f 2>/dev/null); '
+        "n=0; [ -z \"$f\" ] || n=$(grep -lz '^LOCAL_RANK=' $f 2>/dev/null | wc -l); "
+        f'[ "$n" -ge {int(want)} ] && {{ echo "$n"; exit 0; }}; '
+        'if [ -z "$P" ]; then P=$(cat "$D/pgid" 2>/dev/null); '
+        f'  [ -n "$P" ] || [ $i -lt {int(10 / poll)} ] || {{ echo missing; exit 0; }}; '
+        'elif ! alive; then echo ended; exit 0; fi; '
+        f"sleep {poll}; i=$((i+1)); done; "
+        'echo "$n"',
     )
 
 

@@ -289,10 +289,7 @@ def status(c, refresh=False, json=False):
         reports = health.check(cluster)
         health.save(data_dir, project_path(c, "log_dir"), cluster, reports)
         state, _ = records.read_object(state_file)
-    try:
-        history, damaged = records.parse_history(jobs.history.read_text(errors="replace"))
-    except FileNotFoundError:
-        history, damaged = [], None
+    history, damaged = records.history_entries(*jobs.history_lines())
     if damaged:
         notes.append(damaged)
     # The jobs active before reconciling (one that ended since is left out below by `watched`).
