@@ -21,6 +21,7 @@ import pytest
 from ugro import commands, procs
 from ugro.commands import (
     EXIT_MARKER,
+    await_ranks,
     job_path,
     job_state,
     kill_all_jobs,
@@ -323,6 +324,26 @@ def test_watch_streams_output_and_exit_code(local, job_id, reap):
     metrics.write_text('{"step": 1}\n')
     assert sh(job_state(local, job_id)).stdout.endswith(
         f" metrics={int(metrics.stat().st_mtime)}\n")
+
+
+def test_await_ranks_counts_this_nodes_workers_and_sees_the_end(local, job_id, reap):
+    # Two "workers" carry torchrun's LOCAL_RANK; the node's tags come from start_job.
+    worker = "LOCAL_RANK=0 sleep 30 & LOCAL_RANK=1 sleep 30 & wait"
+    start(local, job_id, ["sh", "-c", worker], reap)
+    t0 = time.monotonic()
+    assert sh(await_ranks(local, job_id, 2, timeout=10, poll=0.05)).stdout == "2\n"
+    assert time.monotonic() - t0 < 5
+    assert sh(await_ranks(local, job_id, 3, timeout=0.3, poll=0.05)).stdout == "2\n"  # gave up
+    sh(kill_job(local, job_id, grace=1))
+    assert sh(await_ranks(local, job_id, 3, timeout=10, poll=0.05)).stdout == "ended\n"
+
+
+def test_await_ranks_of_a_job_that_exited_or_never_started(local, job_id, reap):
+    start(local, job_id, ["true"], reap)
+    assert sh(await_ranks(local, job_id, 1, timeout=10, poll=0.05)).stdout == "ended\n"
+    never = sh(await_ranks(local, "never-" + job_id, 1, timeout=30, poll=0.05,
+                           missing_after=0.5))
+    assert never.stdout == "missing\n"
 
 
 def test_watch_never_started(local, job_id):

@@ -15,11 +15,12 @@ def node_job_dir(node: Node, job_id: str) -> str:
 # The group-liveness test is zombie-safe: a finished group leader whose parent
 # never reaps it still answers `kill -0`, so when the leader is gone or a
 # zombie, read each process's state and process group from /proc. The cheap
-# checks come first: this runs in every wait loop.
+# checks come first: this runs in every wait loop. `kill -0 -PGID`, never `kill -0 --
+# -PGID`: dash, /bin/sh on Debian, reads `--` as a process id and fails.
 _ALIVE = r"""
 alive() {
   [ -n "$P" ] || return 1
-  kill -0 -- -"$P" 2>/dev/null || return 1
+  kill -0 -"$P" 2>/dev/null || return 1
   if read -r l 2>/dev/null <"/proc/$P/stat"; then
     set -- ${l##*) }
     [ "$1" != Z ] && return 0
@@ -61,7 +62,7 @@ def _stop(ticks: int, report: str) -> str:
 # SIGKILL goes to the group and to every tagged process.
 _SIGNALS = (
     'any() { alive || [ -n "$(tagged)" ]; }; '
-    'sig() { [ -n "$P" ] && kill -"$1" -- -"$P" 2>/dev/null; [ "$1" = KILL ] || return 0; '
+    'sig() { [ -n "$P" ] && kill -"$1" -"$P" 2>/dev/null; [ "$1" = KILL ] || return 0; '
     'for p in $(tagged); do kill -"$1" "$p" 2>/dev/null; done; }; '
 )
 
@@ -204,10 +205,11 @@ def kill_job(node: Node, job_id: str, grace: float = 3.0) -> str:
 
 
 def await_ranks(node: Node, job_id: str, want: int, timeout: float,
-                poll: float = 0.1) -> str:
+                poll: float = 0.1, missing_after: float = 10.0) -> str:
     """Wait on the node until `want` of the job's ranks (torchrun workers) run there; print
     how many run, or `ended` once the node's launch is over (an exit code is written, or
-    its process group is gone), or `missing` when it never started here.
+    its process group is gone), or `missing` when it has not started here within
+    `missing_after` seconds.
 
     One command that watches locally instead of a question asked over SSH again and again:
     while torchrun's agents import torch, a poll from the control node costs every node an
@@ -226,7 +228,7 @@ def await_ranks(node: Node, job_id: str, want: int, timeout: float,
         "n=0; [ -z \"$f\" ] || n=$(grep -lz '^LOCAL_RANK=' $f 2>/dev/null | wc -l); "
         f'[ "$n" -ge {int(want)} ] && {{ echo "$n"; exit 0; }}; '
         'if [ -z "$P" ]; then P=$(cat "$D/pgid" 2>/dev/null); '
-        f'  [ -n "$P" ] || [ $i -lt {int(10 / poll)} ] || {{ echo missing; exit 0; }}; '
+        f'  [ -n "$P" ] || [ $i -lt {int(missing_after / poll)} ] || {{ echo missing; exit 0; }}; '
         'elif ! alive; then echo ended; exit 0; fi; '
         f"sleep {poll}; i=$((i+1)); done; "
         'echo "$n"',
