@@ -42,8 +42,8 @@ def run_section(bench: Bench) -> list[Section]:
                "pdsh + torchrun", "UGRO ÷ pdsh", "target", "met"], rows),
         [f"pdsh + torchrun: `pdsh -R ssh -w {hosts}` running on each node the "
          "torchrun command UGRO would (`ugro.plan.plan`: c10d rendezvous on lab0 and "
-         "`--local-addr`, the store left to lab0's agent as a user would; each node picks "
-         "its line by its address in `$SSH_CONNECTION`), "
+         "`--local-addr`, lab0 running the rendezvous store beside its torchrun as UGRO "
+         "does; each node picks its line by its address in `$SSH_CONNECTION`), "
          "i.e. a multi-node launch by hand.",
          "Running: a process with the job's tag (`UGRO_JOB_ID`) and torchrun's "
          "`LOCAL_RANK`/`RANK` in its environment exists for every rank (/proc, polled "
