@@ -36,7 +36,7 @@ cd {root}
 export GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1
 srun --kill-on-bad-exit=1 --output={out}/%N-%t.log {python} -m torch.distributed.run \\
   --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:{port} \\
-  --rdzv-id hand --local-addr 127.0.0.1 scripts/train_single_test.py {args}
+  --rdzv-id hand --local-addr 127.0.0.1 scripts/train_single_test.py {args} --output-dir {out}
 """
 
 
