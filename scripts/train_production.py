@@ -20,10 +20,10 @@ One node, one rank per GPU:
     torchrun --standalone --nproc-per-node 2 scripts/train_production.py --output-dir runs/lora1
 
 Several nodes: the same command on every node; the first to arrive hosts the c10d rendezvous at
-the endpoint (the master node's address and a free port):
+the endpoint ($MASTER_ADDR: the master node's address; a free port):
 
     torchrun --nnodes 3 --nproc-per-node 1 \\
-        --rdzv-backend c10d --rdzv-endpoint 192.168.1.100:29500 --rdzv-id lora1 \\
+        --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id lora1 \\
         scripts/train_production.py --output-dir runs/lora1
 
 Only global rank 0 writes, all of it under --output-dir:

@@ -13,10 +13,10 @@ One node, two ranks:
     torchrun --standalone --nproc-per-node 2 scripts/train_single_test.py --epochs 3
 
 Several nodes: run the same command on every node, changing nothing; the first node to arrive
-hosts the c10d rendezvous at the endpoint (use the master node's address and a free port):
+hosts the c10d rendezvous at the endpoint ($MASTER_ADDR: the master node's address; a free port):
 
     torchrun --nnodes 3 --nproc-per-node 1 \\
-        --rdzv-backend c10d --rdzv-endpoint 192.168.1.100:29500 --rdzv-id exp1 \\
+        --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id exp1 \\
         scripts/train_single_test.py --epochs 3 --output-dir runs/exp1
 
 Only global rank 0 writes, all of it under --output-dir:

@@ -47,7 +47,7 @@ HOSTILE_ENV = {
 
 
 def node(project_path: str, **kw) -> Node:
-    return Node(name="gpu1", host="192.168.1.101", user="ob", project_path=project_path, **kw)
+    return Node(name="gpu1", host="127.0.0.101", user="ob", project_path=project_path, **kw)
 
 
 def sh(command: str) -> subprocess.CompletedProcess:

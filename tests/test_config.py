@@ -23,8 +23,8 @@ IFACES = {"NCCL_SOCKET_IFNAME": "eno1", "GLOO_SOCKET_IFNAME": "eno1"}
 MINIMAL = """\
 master: {name: m, local: true}
 workers:
-  - {name: a, ip: 10.0.0.1}
-  - {name: b, ip: 10.0.0.2}
+  - {name: a, ip: 127.0.1.1}
+  - {name: b, ip: 127.0.1.2}
 """
 
 
@@ -115,7 +115,7 @@ def test_tilde_expands_only_on_local_nodes(home):
     c = parse(
         "master: {name: m, local: true, project_path: ~/p}\n"
         "workers:\n"
-        "  - {name: a, ip: 10.0.0.1, project_path: ~/projects/UGRO, identity_file: ~/.ssh/k}\n"
+        "  - {name: a, ip: 127.0.1.1, project_path: ~/projects/UGRO, identity_file: ~/.ssh/k}\n"
     )
     assert c.master.project_path == str(home / "p")
     # The node's own shell expands it (commands.rpath): the control node's home is wrong there.
@@ -133,18 +133,18 @@ def test_relative_local_project_path_is_the_checkout(tmp_path):
 def test_defaults_and_ranks():
     c = parse(MINIMAL)
     assert [(n.name, n.rank) for n in c.nodes] == [("m", 0), ("a", 1), ("b", 2)]
-    assert c.node("a") == Node(name="a", host="10.0.0.1", user="tester", rank=1)
+    assert c.node("a") == Node(name="a", host="127.0.1.1", user="tester", rank=1)
     assert c.name == "c"  # the file's stem
-    c = parse("master: {name: m, ip: 10.0.0.9, train: false}\n"
-              "workers:\n  - {name: a, ip: 10.0.0.1}\n  - {name: b, ip: 10.0.0.2}\n")
+    c = parse("master: {name: m, ip: 127.0.1.9, train: false}\n"
+              "workers:\n  - {name: a, ip: 127.0.1.1}\n  - {name: b, ip: 127.0.1.2}\n")
     assert [(n.name, n.rank) for n in c.nodes] == [("a", 0), ("b", 1)]
     assert c.master.name == "m"
 
 
 def test_explicit_ranks_order_the_nodes():
     c = parse("master: {name: m, local: true, rank: 2}\n"
-              "workers:\n  - {name: a, ip: 10.0.0.1, rank: 1}\n"
-              "  - {name: b, ip: 10.0.0.2, rank: 0}\n")
+              "workers:\n  - {name: a, ip: 127.0.1.1, rank: 1}\n"
+              "  - {name: b, ip: 127.0.1.2, rank: 0}\n")
     assert [n.name for n in c.nodes] == ["b", "a", "m"]
 
 
@@ -179,23 +179,23 @@ def test_procs_and_address():
 
 @pytest.mark.parametrize("port", ["0", "70000", '"abc"', "true", "-1", "22.5"])
 def test_bad_ssh_port(port):
-    text = MINIMAL.replace("ip: 10.0.0.1}", f"ip: 10.0.0.1, ssh_port: {port}}}")
+    text = MINIMAL.replace("ip: 127.0.1.1}", f"ip: 127.0.1.1, ssh_port: {port}}}")
     assert error(text) == "c.yaml: workers[0].ssh_port: not a port"
 
 
 def test_good_ssh_port():
-    text = MINIMAL.replace("ip: 10.0.0.1}", "ip: 10.0.0.1, ssh_port: 2222}")
+    text = MINIMAL.replace("ip: 127.0.1.1}", "ip: 127.0.1.1, ssh_port: 2222}")
     assert parse(text).node("a").port == 2222
-    text = MINIMAL.replace("ip: 10.0.0.1}", "ip: 10.0.0.1, port: 65535}")
+    text = MINIMAL.replace("ip: 127.0.1.1}", "ip: 127.0.1.1, port: 65535}")
     assert parse(text).node("a").port == 65535
 
 
 ERRORS = [
-    (MINIMAL.replace("ip: 10.0.0.2", "user: x"), "c.yaml: workers[1].ip: missing"),
+    (MINIMAL.replace("ip: 127.0.1.2", "user: x"), "c.yaml: workers[1].ip: missing"),
     (MINIMAL.replace("name: b, ", ""), "c.yaml: workers[1].name: missing"),
     ("workers: []\n", "c.yaml: master: missing"),
     ("master: 3\n", "c.yaml: master: expected dict, got 3"),
-    ("master: {name: m, ip: 10.0.0.1}\nworkers: {a: 1}\n",
+    ("master: {name: m, ip: 127.0.1.1}\nworkers: {a: 1}\n",
      "c.yaml: workers: expected list, got {'a': 1}"),
     ("master: {name: m, local: true}\nworkers: [3]\n", "c.yaml: workers[0]: expected a mapping"),
     ("master: {name: m, local: true, train: false}\n",
@@ -216,23 +216,23 @@ ERRORS = [
      "c.yaml: workers: node ranks must be 0..2, got 0, 1, 5"),
     (MINIMAL.replace("local: true", "local: true, env: {1BAD: x}"),
      "c.yaml: master.env: not an environment variable name: '1BAD'"),
-    (MINIMAL.replace("ip: 10.0.0.1", "ip: 10.0.0.1, env: {A-B: x}"),
+    (MINIMAL.replace("ip: 127.0.1.1", "ip: 127.0.1.1, env: {A-B: x}"),
      "c.yaml: workers[0].env: not an environment variable name: 'A-B'"),
-    (MINIMAL.replace("ip: 10.0.0.1", "ip: 10.0.0.1, env: {A: [1]}"),
+    (MINIMAL.replace("ip: 127.0.1.1", "ip: 127.0.1.1, env: {A: [1]}"),
      "c.yaml: workers[0].env.A: expected a string"),
-    (MINIMAL.replace("ip: 10.0.0.1", "ip: 10.0.0.1, python: {strategy: conda}"),
+    (MINIMAL.replace("ip: 127.0.1.1", "ip: 127.0.1.1, python: {strategy: conda}"),
      "c.yaml: workers[0].python.strategy: must be one of pixi, venv, system"),
-    (MINIMAL.replace("ip: 10.0.0.1", "ip: 10.0.0.1, python: {strategy: pixi, path: x}"),
+    (MINIMAL.replace("ip: 127.0.1.1", "ip: 127.0.1.1, python: {strategy: pixi, path: x}"),
      "c.yaml: workers[0].python.path: unknown field (allowed: command, env, strategy, venv)"),
-    (MINIMAL.replace("ip: 10.0.0.1", "ip: '10.0.0.1;reboot'"),
-     "c.yaml: workers[0].ip: not a host name or address: '10.0.0.1;reboot'"),
+    (MINIMAL.replace("ip: 127.0.1.1", "ip: '127.0.1.1;reboot'"),
+     "c.yaml: workers[0].ip: not a host name or address: '127.0.1.1;reboot'"),
     (MINIMAL.replace("name: a", "name: 'a b'"),
      "c.yaml: workers[0].name: use letters, digits, '.', '_' or '-' (at most 64)"),
-    (MINIMAL.replace("ip: 10.0.0.1", "ip: 10.0.0.1, gpus: -1"),
+    (MINIMAL.replace("ip: 127.0.1.1", "ip: 127.0.1.1, gpus: -1"),
      "c.yaml: workers[0].gpus: must be >= 0"),
-    (MINIMAL.replace("ip: 10.0.0.1", "ip: 10.0.0.1, gpus: true"),
+    (MINIMAL.replace("ip: 127.0.1.1", "ip: 127.0.1.1, gpus: true"),
      "c.yaml: workers[0].gpus: expected int, got True"),
-    (MINIMAL.replace("ip: 10.0.0.1", "ip: 10.0.0.1, cpu_procs: 0"),
+    (MINIMAL.replace("ip: 127.0.1.1", "ip: 127.0.1.1, cpu_procs: 0"),
      "c.yaml: workers[0].cpu_procs: must be >= 1"),
     (MINIMAL.replace("local: true", "local: 'yes'"),
      "c.yaml: master.local: expected bool, got 'yes'"),
@@ -293,7 +293,7 @@ def test_unreadable_path(tmp_path):
 
 def test_load_names_the_real_file_in_errors(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(MINIMAL.replace("ip: 10.0.0.2", "user: x"))
+    path.write_text(MINIMAL.replace("ip: 127.0.1.2", "user: x"))
     with pytest.raises(ConfigError) as exc:
         load_cluster(path)
     assert str(exc.value) == f"{path}: workers[1].ip: missing"

@@ -108,7 +108,7 @@ def test_probe_found_among_login_noise():
     out = ("Welcome to Ubuntu 24.04.1 LTS (GNU/Linux 6.8.0-45-generic x86_64)\n"
            " * Documentation:  https://help.ubuntu.com\n"
            "echo UGRO_PROBE is how ugro checks this box\n"
-           "Last login: Sun Nov 29 14:02:11 2026 from 192.168.1.100\n"
+           "Last login: Sun Nov 29 14:02:11 2026 from 127.0.0.100\n"
            f"UGRO_PROBE {json.dumps(REPORT)}\n"
            "logout\n")
     assert parse_probe(out) == REPORT
@@ -136,7 +136,7 @@ def test_bad_probe_output(out, message):
     assert str(exc.value) == message
 
 
-def gpu_node(name="gpu1", gpus=1, host="192.168.1.101") -> Node:
+def gpu_node(name="gpu1", gpus=1, host="127.0.0.101") -> Node:
     return Node(name=name, host=host, user="ob", project_path="/home/ob/projects/UGRO",
                 gpus=gpus)
 
@@ -148,7 +148,7 @@ def report(**changes) -> dict:
 def test_healthy_node():
     h = assess(gpu_node(), REPORT, 0.42)
     assert h.healthy and h.problems == [] and h.warnings == []
-    assert (h.node, h.address, h.seconds) == ("gpu1", "192.168.1.101", 0.42)
+    assert (h.node, h.address, h.seconds) == ("gpu1", "127.0.0.101", 0.42)
     assert (h.hostname, h.python, h.torch, h.torch_cuda) == ("gpu1", "3.11.7", "2.13.0", "12.8")
     assert h.driver == "550.54.14"
     assert h.gpus == [Gpu(0, "NVIDIA GeForce RTX 4070", 8188, 415, 3, 38, "550.54.14")]
@@ -202,13 +202,13 @@ def test_warnings_leave_a_node_healthy():
 
 
 def fleet() -> list[NodeHealth]:
-    master = assess(gpu_node("gpu-master", host="192.168.1.100"),
+    master = assess(gpu_node("gpu-master", host="127.0.0.100"),
                     report(hostname="gpu-master"), 0.1)
     gpu1 = assess(gpu_node("gpu1"), REPORT, 0.2)
     smi = {"status": "ok", "csv": "0, NVIDIA GeForce RTX 3070 Ti, 8192, 1, 0, 35, 535.183.01"}
-    gpu2 = assess(gpu_node("gpu2", host="192.168.1.102"),
+    gpu2 = assess(gpu_node("gpu2", host="127.0.0.102"),
                   report(hostname="gpu2", torch="2.5.1", nvidia_smi=smi), 0.3)
-    dead = NodeHealth("gpu3", "192.168.1.103", False, ["connection refused"], seconds=5.0)
+    dead = NodeHealth("gpu3", "127.0.0.103", False, ["connection refused"], seconds=5.0)
     return [master, gpu1, gpu2, dead]
 
 
@@ -230,10 +230,10 @@ def test_table_has_a_row_per_node():
     assert lines[0].split()[:3] == ["node", "address", "status"]
     rows = {line.split()[0]: line for line in lines[2:] if line and not line.startswith(" ")}
     assert set(rows) == {"gpu-master", "gpu1", "gpu2", "gpu3"}
-    assert rows["gpu1"].split()[1:3] == ["192.168.1.101", "ok"]
+    assert rows["gpu1"].split()[1:3] == ["127.0.0.101", "ok"]
     assert "0:NVIDIA GeForce RTX 4070 0.4/8G 3% 38C" in rows["gpu1"]
     assert "120G" in rows["gpu1"] and "0.52" in rows["gpu1"]
-    assert rows["gpu3"].split()[1:3] == ["192.168.1.103", "UNHEALTHY"]
+    assert rows["gpu3"].split()[1:3] == ["127.0.0.103", "UNHEALTHY"]
     assert "connection refused" in rows["gpu3"]
 
 

@@ -36,7 +36,7 @@ UGRO_MON gpu-exit 0
 
 
 def test_command_is_exact_and_quotes_the_project_path():
-    node = Node("gpu1", "10.0.0.2", "me", project_path="~/my proj;rm")
+    node = Node("gpu1", "127.0.1.2", "me", project_path="~/my proj;rm")
     assert commands.monitor_sample(node) == (
         "echo UGRO_MON load; cat /proc/loadavg; "
         "echo UGRO_MON mem; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo; "

@@ -51,7 +51,7 @@ FILTERS = ["--filter=:- .gitignore", "--exclude=/data/", "--exclude=__pycache__/
 
 def node(project_path="~/projects/UGRO", **kw) -> Node:
     kw.setdefault("identity_file", "/home/me/.ssh/id_ed25519")
-    return Node(name="gpu1", host="192.168.1.101", user="ob", port=2222,
+    return Node(name="gpu1", host="127.0.0.101", user="ob", port=2222,
                 project_path=project_path, **kw)
 
 
@@ -95,11 +95,11 @@ def test_ssh_transport_quotes_hostile_paths_for_ssh_and_for_rsync():
 
 
 @pytest.mark.parametrize("path,dest", [
-    ("~/projects/UGRO", "ob@192.168.1.101:projects/UGRO/"),
-    ("~/my projects/", "ob@192.168.1.101:my projects/"),
-    ("~", "ob@192.168.1.101:./"),
-    ("/home/ob/projects/UGRO", "ob@192.168.1.101:/home/ob/projects/UGRO/"),
-    ("projects/UGRO", "ob@192.168.1.101:projects/UGRO/"),
+    ("~/projects/UGRO", "ob@127.0.0.101:projects/UGRO/"),
+    ("~/my projects/", "ob@127.0.0.101:my projects/"),
+    ("~", "ob@127.0.0.101:./"),
+    ("/home/ob/projects/UGRO", "ob@127.0.0.101:/home/ob/projects/UGRO/"),
+    ("projects/UGRO", "ob@127.0.0.101:projects/UGRO/"),
 ])
 def test_rsync_dest(path, dest):
     assert commands.rsync_dest(node(path)) == dest
@@ -119,7 +119,7 @@ def test_rsync_argv_pushes_over_ugros_ssh():
         "--rsync-path=command -v rsync >/dev/null 2>&1 || "
         "{ echo 'ugro: rsync is not installed on this node' >&2; exit 127; }; "
         'mkdir -p "$HOME"/projects/UGRO && exec rsync',
-        "/work/UGRO/", "ob@192.168.1.101:projects/UGRO/",
+        "/work/UGRO/", "ob@127.0.0.101:projects/UGRO/",
     ]
     dry = commands.rsync(node(), Path("/work/UGRO"), FILTERS, known_hosts=KNOWN_HOSTS, timeout=5,
                          dry_run=True, delete=True)
@@ -202,7 +202,7 @@ def test_system_nodes_are_only_checked(tmp_path):
 
 
 def test_sync_envs_needs_the_lock_on_the_control_node(tmp_path):
-    c = cluster(tmp_path, "{name: w, ip: 10.0.0.9, python: {strategy: pixi}}")
+    c = cluster(tmp_path, "{name: w, ip: 127.0.1.9, python: {strategy: pixi}}")
     (tmp_path / "pixi.toml").write_text("")
     with pytest.raises(UgroError, match=r"w uses python.strategy pixi, but pixi.lock is not in"):
         sync_envs(c, c.nodes, tmp_path)
@@ -455,7 +455,7 @@ FAILURES = {
 ssh: connect to host 127.0.0.3 port 45277: Connection refused
 rsync: connection unexpectedly closed (0 bytes received so far) [sender]
 rsync error: unexplained error (code 255) at io.c(285) [sender=3.5.0]
-""", "gpu1: cannot connect to 192.168.1.101:2222 (connection refused)"),
+""", "gpu1: cannot connect to 127.0.0.101:2222 (connection refused)"),
     "no rsync": (12, """\
 ugro: rsync is not installed on this node
 rsync: connection unexpectedly closed (0 bytes received so far) [sender]
@@ -470,7 +470,7 @@ No ED25519 host key is known for [127.0.0.3]:45277 and you have requested strict
 Host key verification failed.
 rsync: connection unexpectedly closed (0 bytes received so far) [sender]
 rsync error: unexplained error (code 255) at io.c(285) [sender=3.5.0]
-""", "gpu1: host key for [192.168.1.101]:2222 is not trusted; run: inv trust-hosts --nodes gpu1"),
+""", "gpu1: host key for [127.0.0.101]:2222 is not trusted; run: inv trust-hosts --nodes gpu1"),
     "changed key": (12, """\
 @@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
 @    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @
@@ -480,19 +480,19 @@ Host key for [127.0.0.3]:45277 has changed and you have requested strict checkin
 Host key verification failed.
 rsync: connection unexpectedly closed (0 bytes received so far) [sender]
 rsync error: error in rsync protocol data stream (code 12) at io.c(285) [sender=3.5.0]
-""", "gpu1: host key CHANGED for [192.168.1.101]:2222; if the node was reinstalled, "
+""", "gpu1: host key CHANGED for [127.0.0.101]:2222; if the node was reinstalled, "
      "run: inv trust-hosts --nodes gpu1 --replace"),
     "auth": (12, """\
 root@127.0.0.3: Permission denied (publickey).
 rsync: connection unexpectedly closed (0 bytes received so far) [sender]
 rsync error: error in rsync protocol data stream (code 12) at io.c(285) [sender=3.5.0]
-""", "gpu1: SSH authentication failed for ob@192.168.1.101:2222"),
+""", "gpu1: SSH authentication failed for ob@127.0.0.101:2222"),
     "timeout": (255, """\
 Connection timed out during banner exchange
 Connection to 127.0.0.9 port 38499 timed out
 rsync: connection unexpectedly closed (0 bytes received so far) [sender]
 rsync error: unexplained error (code 255) at io.c(285) [sender=3.5.0]
-""", "gpu1: 192.168.1.101:2222 did not answer (timed out)"),
+""", "gpu1: 127.0.0.101:2222 did not answer (timed out)"),
     "mkdir": (12, """\
 mkdir: cannot create directory '/proc/nope': No such file or directory
 rsync: connection unexpectedly closed (0 bytes received so far) [sender]
@@ -538,7 +538,7 @@ def test_free_space_runs_from_the_nearest_existing_directory(tmp_path):
 
 def test_ssh_argv_for_a_command_on_the_node():
     assert commands.ssh(node(), KNOWN_HOSTS, 5, "df -Pk .") == [
-        *shlex.split(SSH_E), "--", "ob@192.168.1.101", "df -Pk .",
+        *shlex.split(SSH_E), "--", "ob@127.0.0.101", "df -Pk .",
     ]
 
 

@@ -53,7 +53,7 @@ def meta_for(job_id: str, status: str = "COMPLETED", nodes=("gpu0", "gpu1"), **e
         "job_id": job_id, "name": job_id.rsplit("_", 2)[0], "status": status,
         "created_at": T0, "started_at": T0,
         "ended_at": None if status in ("PENDING", "RUNNING") else T1,
-        "world_size": 2 * len(nodes), "master": "10.0.0.1:29500",
+        "world_size": 2 * len(nodes), "master": "127.0.1.1:29500",
         "nodes": {n: {"node_rank": i, "nproc": 2, "status": "completed", "exit_code": 0,
                       "pgid": 100 + i} for i, n in enumerate(nodes)},
         **extra,
@@ -68,7 +68,7 @@ def config_for(job_id: str, nodes=("gpu0", "gpu1"), **launch) -> dict:
                    "batch_size": None, "nodes": None, "nproc_per_node": 2, "detach": False,
                    "resume": False, "script_args": [], "grace": 3.0, **launch},
         "world_size": 2 * len(nodes),
-        "nodes": {n: {"node_rank": i, "nproc": 2, "host": f"10.0.0.{i + 1}"}
+        "nodes": {n: {"node_rank": i, "nproc": 2, "host": f"127.0.1.{i + 1}"}
                   for i, n in enumerate(nodes)},
         "versions": {
             "gpu0": {"python": "3.11.7", "torch": "2.13.0", "gpus": ["NVIDIA GeForce RTX 4070"]},
@@ -328,13 +328,13 @@ STATE = {
     "cluster": "home",
     "drift": ["driver differs: 550 on gpu0; 535 on gpu1"],
     "nodes": [
-        {"node": "gpu0", "address": "10.0.0.1", "healthy": True, "problems": [],
+        {"node": "gpu0", "address": "127.0.1.1", "healthy": True, "problems": [],
          "warnings": [], "loadavg": [0.5, 0.4, 0.3],
          "gpus": [{"index": 0, "name": "NVIDIA GeForce RTX 4070", "memory_total_mib": 8188,
                    "memory_used_mib": 4094, "utilization_pct": 87, "temperature_c": 60,
                    "driver": "550"}]},
-        {"node": "gpu1", "address": "10.0.0.2", "healthy": False,
-         "problems": ["gpu1: 10.0.0.2 did not answer (timed out)"], "warnings": [], "gpus": []},
+        {"node": "gpu1", "address": "127.0.1.2", "healthy": False,
+         "problems": ["gpu1: 127.0.1.2 did not answer (timed out)"], "warnings": [], "gpus": []},
     ],
 }
 
@@ -478,7 +478,7 @@ def test_follow_streams_until_the_job_ends(jobs):
 
 
 def test_job_output_and_node_job_dirs_commands():
-    node = Node(name="gpu1", host="10.0.0.2", user="me", project_path="~/ugro")
+    node = Node(name="gpu1", host="127.0.1.2", user="me", project_path="~/ugro")
     assert commands.job_output(node, "exp1_20260301_100000") == (
         'cd "$HOME"/ugro || exit 1; '
         "cat data/experiments/exp1_20260301_100000/nodes/gpu1/output.log")
