@@ -351,13 +351,14 @@ def test_state_is_recent_only_for_this_cluster_and_young():
 def test_status_view_and_text(jobs):
     make_job(jobs.data_dir, "run_20260301_110000", meta=meta_for("run_20260301_110000", "RUNNING"),
              metrics=METRICS + '{"step": 50, "lo')
-    history, problem = records.parse_history(
+    jobs.history.write_text(
         json.dumps({"job_id": "a_20260301_100000", "name": "a", "status": "COMPLETED",
                     "started_at": T0, "ended_at": T1, "nodes": ["gpu0"], "world_size": 2,
                     "error": None}) + "\nnot json\n"
         + json.dumps({"job_id": "b_20260301_100500", "name": "b", "status": "FAILED",
                       "started_at": T0, "ended_at": T0, "nodes": ["gpu0", "gpu1"],
                       "error": "gpu1 rank 3 failed first (exit code 1)"}) + "\n")
+    history, problem = records.history_entries(*jobs.history_lines())
     assert problem == "job_history.jsonl: 1 unreadable line(s) skipped (first: line 2)"
     view = views.status(STATE, [records.load(jobs, "run_20260301_110000")], history, NOW,
                         notes=[problem])

@@ -150,10 +150,6 @@ class Jobs:
         return {e["job_id"]: e for _, e in entries
                 if isinstance(e, dict) and isinstance(e.get("job_id"), str)}
 
-    def ended(self) -> set[str]:
-        """The ids in job_history.jsonl."""
-        return set(self.summaries())
-
     def released(self, summaries: dict[str, dict] | None = None) -> set[str]:
         """Ended jobs whose history line says they let their nodes go when they ended.
 

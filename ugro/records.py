@@ -1,7 +1,7 @@
 """A job directory on the control node, read into a `JobRecord`.
 
 `load` notes each damaged file (which one, why) instead of failing, so the rest of the job
-still shows; `parse_history` reads job_history.jsonl the same way.
+still shows; `history_entries` reads job_history.jsonl the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import store
 from .jobs import Jobs
 from .metrics import MetricPoint, load_metrics, parse_jsonl
 from .state import JobStatus, is_active
@@ -122,15 +121,10 @@ def load(jobs: Jobs, job_id: str) -> JobRecord:
     return rec
 
 
-def parse_history(text: str) -> tuple[list[dict], str | None]:
-    """The entries of job_history.jsonl, newest first, and what was wrong with it, if anything."""
-    return history_entries(*store.json_lines(text))
-
-
 def history_entries(values: list[tuple[int, object]], bad: list[int]
                     ) -> tuple[list[dict], str | None]:
-    """`parse_history` from the file's lines as `store.json_lines` (or `Jobs.history_lines`)
-    read them."""
+    """The entries of job_history.jsonl, newest first, and what was wrong with it, if anything,
+    from its lines as `Jobs.history_lines` reads them."""
     bad = list(bad)
     entries = []
     for number, entry in values:
