@@ -101,6 +101,11 @@ def test_gres_gpus(gres, names):
     assert [g.name for g in gres_gpus(gres)] == names
 
 
+def test_gres_gpus_are_numbered_across_items():
+    assert [(g.index, g.name) for g in gres_gpus("gpu:a100:2,gpu:v100:1")] == [
+        (0, "a100"), (1, "a100"), (2, "v100")]
+
+
 def test_waiting_reason():
     meta = {"status": "QUEUED", "slurm": {"job_id": "12", "state": "PENDING",
                                           "reason": "Resources"}}

@@ -255,14 +255,12 @@ def check(cluster: Cluster, nodes: tuple[Node, ...] | None = None, *, deep: bool
 
 def gres_gpus(gres: str | None) -> list[Gpu]:
     """The GPUs in sinfo's gres (`gpu:4`, `gpu:a100:4(S:0-1)`, `gpu:2,shard:8`)."""
-    gpus: list[Gpu] = []
+    kinds: list[str] = []
     for item in (gres or "").split(","):
         parts = re.sub(r"\(.*?\)", "", item).split(":")
         if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
-            kind = parts[1] if len(parts) == 3 else "gpu"
-            gpus += [Gpu(len(gpus), kind, None, None, None, None, None)
-                     for _ in range(int(parts[-1]))]
-    return gpus
+            kinds += [parts[1] if len(parts) == 3 else "gpu"] * int(parts[-1])
+    return [Gpu(i, kind, None, None, None, None, None) for i, kind in enumerate(kinds)]
 
 
 def partition_check(cluster: Cluster, *, deep: bool = False,
