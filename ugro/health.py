@@ -282,27 +282,30 @@ def partition_check(cluster: Cluster, *, deep: bool = False,
             return [NodeHealth(login.name, login.address, False, [f"sinfo: {exc}"])]
         seconds = round(time.monotonic() - start, 2)
         probes, probe_error = {}, None
-        usable = list(dict.fromkeys(n.name for n in rows if n.usable))
+        # sinfo -N lists a node once per partition it is in; its state is the same in each.
+        by_name: dict = {}
+        for n in rows:
+            by_name.setdefault(n.name, n)
+        nodes = list(by_name.values())
+        usable = [n.name for n in nodes if n.usable]
         if deep and usable:
             try:
                 probes = backend.probe(usable, commands.PROBE_SOURCE, True, timeout + 60)
             except UgroError as exc:
                 probe_error = f"srun probe: {exc}"
-    reports, seen = [], set()
-    for n in rows:
-        if n.name in seen:
-            continue
-        seen.add(n.name)
-        h = NodeHealth(n.name, f"{n.partition}/{n.state}", n.usable, seconds=seconds)
+    reports = []
+    for n in nodes:
+        where = f"{n.partition}/{n.state}"
+        h = NodeHealth(n.name, where, n.usable, seconds=seconds)
         if deep and n.usable:
             try:
                 h = assess(cluster.node(n.name), parse_probe(probes.get(n.name, "")), seconds)
-                h.address = f"{n.partition}/{n.state}"
+                h.address = where
             except ValueError as exc:
                 h.problems.append(probe_error or f"probe: {exc}")
                 h.healthy = False
         if not n.usable:
-            h.problems.append(f"{n.state}" + (f": {n.reason}" if n.reason else ""))
+            h.problems.append(n.state + (f": {n.reason}" if n.reason else ""))
         h.gpus = h.gpus or gres_gpus(n.gres)
         reports.append(h)
     if not reports:
