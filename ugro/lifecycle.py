@@ -216,8 +216,10 @@ def wait_for_ranks(jobs: Jobs, cluster: Cluster, job_id: str, timeout: float = 3
 
     def said(name: str) -> str:
         got = answers.get(name)
-        if got == "ended" or isinstance(got, int) and got >= want[name]:
-            return "ended" if got == "ended" else f"{got}/{want[name]} ranks"
+        if got == "ended":
+            return "ended"
+        if isinstance(got, int) and got >= want[name]:
+            return f"{got}/{want[name]} ranks"
         if not is_active(status):
             return f"never ran all its ranks (job {status})"
         if got == "missing":

@@ -24,17 +24,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .commands import EXIT_MARKER, join, q, rpath
+from .commands import MARKER_PRINTF, MARKER_SPAN, join, q, rpath
 from .config import ENV_KEY_RE
 from .config import SLURM_NAME_RE as NAME_RE
 from .config import SLURM_TIME_RE as TIME_RE
 from .errors import UgroError
+from .slurm_parse import STATUS
 from .slurm_parse import slurm_id as _slurm_id
 
 SQUEUE_FORMAT = "%i|%T|%r|%D|%N"
 SACCT_FIELDS = "JobID,State,ExitCode,NodeList"
 SINFO_FORMAT = "%N|%P|%T|%c|%m|%G|%E"
-_MARKER = EXIT_MARKER.replace("\x1e", "\\036")  # as printf writes it
 
 
 def _node_addr(var: str) -> str:
@@ -138,7 +138,7 @@ def node_script(job: BatchJob) -> str:
         f'{torchrun(job)} >"$d/output.log" 2>&1 </dev/null',
         "c=$?",
         'echo $c >"$d/exit_code.tmp" && mv "$d/exit_code.tmp" "$d/exit_code"',
-        f'printf "\\n{_MARKER} %s\\n" $c >>"$d/output.log"',
+        f'printf "\\n{MARKER_PRINTF} %s\\n" $c >>"$d/output.log"',
         "exit $c",
     ])
 
@@ -212,10 +212,8 @@ def hostnames(nodelist: str) -> str:
     return f"scontrol show hostnames {q(nodelist)}"
 
 
-# Slurm states in which a job may still write to its files.
-ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "STOPPED",
-                 "SIGNALING", "STAGE_OUT", "RESIZING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                 "RESV_DEL_HOLD")
+# Slurm states in which a job may still write to its files: those UGRO reads as not over.
+ACTIVE_STATES = tuple(s for s, status in STATUS.items() if status.is_active())
 
 
 def watch_output(job_dir: str, node: str, slurm_id: str, poll: float = 0.2,
@@ -232,17 +230,17 @@ def watch_output(job_dir: str, node: str, slurm_id: str, poll: float = 0.2,
     f = f'{rpath(job_dir)}/nodes/{q(node)}/output.log'
     active = "|".join(f"{s}*" for s in ACTIVE_STATES)
     return (
-        f'F={f}; M=$(printf "{_MARKER}"); off=0; n=0; end=0; '
+        f'F={f}; M=$(printf "{MARKER_PRINTF}"); off=0; n=0; end=0; '
         "while :; do "
         '  size=$(wc -c <"$F" 2>/dev/null || echo 0); '
         '  if [ "$size" -gt "$off" ]; then tail -c +$((off+1)) "$F" | head -c $((size-off)); '
         "    off=$size; fi; "
         # The marker must be among the bytes already sent, not just in the file.
-        f"  s0=$((off-{len(EXIT_MARKER) + 30})); [ $s0 -lt 1 ] && s0=1; "
+        f"  s0=$((off-{MARKER_SPAN})); [ $s0 -lt 1 ] && s0=1; "
         '  [ "$off" -gt 0 ] && tail -c +$s0 "$F" 2>/dev/null | head -c $((off-s0+1)) '
         '| grep -q "$M" && break; '
         '  if [ $end -gt 0 ]; then [ "$off" -gt 0 ] && w=killed || w=missing; '
-        f'    printf "\\n{_MARKER} %s\\n" $w; break; fi; '
+        f'    printf "\\n{MARKER_PRINTF} %s\\n" $w; break; fi; '
         f"  n=$((n+1)); if [ $((n % {ask_every})) -eq 1 ]; then "
         f"    st=$(squeue -h -t all -j {q(_slurm_id(slurm_id))} -o %T 2>&1); "
         f'    case "$st" in {active}) ;; '

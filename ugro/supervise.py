@@ -32,7 +32,7 @@ from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import commands, store
+from . import store
 from .backends import Backend, backend_for
 from .config import Cluster, Node, load_cluster
 from .errors import UgroError
@@ -192,8 +192,8 @@ class Supervisor:
             self.changed.wait(self.every)
             self.changed.clear()
             t = time.monotonic()
-            for node in self.nodes:
-                if node.name in self.codes or self.schedules:
+            for node in () if self.schedules else self.nodes:
+                if node.name in self.codes:
                     continue
                 silent = t - self.heard[node.name]
                 frozen = t - self.frozen_since.get(node.name, t)
@@ -370,14 +370,14 @@ class Supervisor:
         """Bring rank 0's metrics home, and note which node holds which checkpoints."""
         if not nodes:
             return
-        listing = backend.listdir(nodes, commands.job_path(self.job_id, "checkpoints"))
+        listing = backend.listdir(nodes, self.job_id, "checkpoints")
         self._retrying(lambda: self.jobs.note_nodes(
             self.job_id, {name: {"checkpoints": files}
                           for name, files in listing.items() if files is not None}))
         target = self.jobs.dir(self.job_id) / "metrics.jsonl"
         if target.exists() and target.stat().st_size:
             return  # a local rank 0 wrote it in place
-        found = backend.read(nodes, commands.job_path(self.job_id, "metrics.jsonl"))
+        found = backend.read(nodes, self.job_id, "metrics.jsonl")
         for fetched in found.values():
             if fetched.text and fetched.text.strip():
                 try:

@@ -75,10 +75,12 @@ class Backend(Protocol):
     def stop(self, nodes: list[Node], job_id: str, grace: float) -> dict[str, str]:
         """Stop the job on these nodes; node -> `stopped`, `still-alive` or why it could not."""
 
-    def read(self, nodes: list[Node], path: str) -> dict[str, Fetched]:
-        """A project-relative file from each node."""
+    def read(self, nodes: list[Node], job_id: str, relpath: str) -> dict[str, Fetched]:
+        """A file of the job's output directory (`relpath` in it) from each node."""
 
-    def listdir(self, nodes: list[Node], path: str) -> dict[str, list[str] | None]: ...
+    def listdir(self, nodes: list[Node], job_id: str,
+                relpath: str) -> dict[str, list[str] | None]:
+        """The names in a directory of the job's output directory, on each node."""
 
     def close(self) -> None: ...
 

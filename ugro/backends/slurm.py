@@ -25,9 +25,6 @@ from . import Fetched, OverSession, Sink
 if TYPE_CHECKING:
     from ..plan import LaunchConfig, NodePlan
 
-JOBS_PREFIX = "data/experiments/"  # how the supervisor names a job's files (commands.job_path)
-
-
 class SlurmBackend(OverSession):
     schedules = True  # Slurm queues, starts and fails the job fast; UGRO submits and watches
 
@@ -35,6 +32,7 @@ class SlurmBackend(OverSession):
         assert cluster.slurm is not None
         self.cluster, self.settings, self.login = cluster, cluster.slurm, cluster.master
         self.session = session or Session(cluster)
+        self._slurm_ids: dict[str, str] = {}  # written once at submit, never changed
 
     # -- the login node -----------------------------------------------------
     def _run(self, command: str, timeout: float = 30) -> str:
@@ -48,16 +46,15 @@ class SlurmBackend(OverSession):
     def job_dir(self, job_id: str) -> str:
         return f"{self.settings.shared_dir}/{job_id}"
 
-    def _path(self, path: str) -> str:
-        """A job file as the supervisor names it (`data/experiments/<job>/...`), on the share."""
-        if path.startswith(JOBS_PREFIX):
-            return f"{self.settings.shared_dir}/{path[len(JOBS_PREFIX):]}"
-        return f"{self.settings.project_path}/{path}"
-
     def slurm_id(self, job_id: str) -> str | None:
-        text = self.session.run(
-            self.login, f"cat {slurm.rpath(self.job_dir(job_id))}/{slurm.SLURM_ID_FILE}")
-        return text.stdout.strip() or None if text.ok else None
+        """The Slurm job id written at submit, asked of the login node until it is there."""
+        if job_id not in self._slurm_ids:
+            text = self.session.run(
+                self.login, f"cat {slurm.rpath(self.job_dir(job_id))}/{slurm.SLURM_ID_FILE}")
+            if not (text.ok and text.stdout.strip()):
+                return None
+            self._slurm_ids[job_id] = text.stdout.strip()
+        return self._slurm_ids[job_id]
 
     # -- submitting ---------------------------------------------------------
     def batch_job(self, job_id: str, cfg: LaunchConfig) -> slurm.BatchJob:
@@ -165,14 +162,15 @@ class SlurmBackend(OverSession):
             return {n.name: str(exc) for n in nodes}
         return {n.name: "stopped" for n in nodes}
 
-    def read(self, nodes: list[Node], path: str) -> dict[str, Fetched]:
+    def read(self, nodes: list[Node], job_id: str, relpath: str) -> dict[str, Fetched]:
         # One shared file: read once, reported under the first node.
         shared = Fetched(None, "on the shared directory, read once")
-        return {n.name: self._cat(self._path(path)) if i == 0 else shared
-                for i, n in enumerate(nodes)}
+        path = f"{self.job_dir(job_id)}/{relpath}"
+        return {n.name: self._cat(path) if i == 0 else shared for i, n in enumerate(nodes)}
 
-    def listdir(self, nodes: list[Node], path: str) -> dict[str, list[str] | None]:
-        a = self.session.run(self.login, f"ls -1 {slurm.rpath(self._path(path))}")
+    def listdir(self, nodes: list[Node], job_id: str,
+                relpath: str) -> dict[str, list[str] | None]:
+        a = self.session.run(self.login, f"ls -1 {slurm.rpath(self.job_dir(job_id))}/{relpath}")
         return {n.name: (a.stdout.split() if a.ok else None) if i == 0 else None
                 for i, n in enumerate(nodes)}
 

@@ -84,7 +84,8 @@ class SSHBackend(OverSession):
     def output(self, nodes: list[Node], job_id: str) -> dict[str, Fetched]:
         return self._fetch(nodes, lambda n: commands.job_output(n, job_id))
 
-    def read(self, nodes: list[Node], path: str) -> dict[str, Fetched]:
+    def read(self, nodes: list[Node], job_id: str, relpath: str) -> dict[str, Fetched]:
+        path = commands.job_path(job_id, relpath)
         return self._fetch(nodes, lambda n: commands.read_file(n, path))
 
     def _fetch(self, nodes: list[Node], command) -> dict[str, Fetched]:
@@ -93,7 +94,9 @@ class SSHBackend(OverSession):
                 Fetched(None, a.error or a.stderr.strip() or f"exit code {a.exited}")
                 for name, a in answers.items()}
 
-    def listdir(self, nodes: list[Node], path: str) -> dict[str, list[str] | None]:
+    def listdir(self, nodes: list[Node], job_id: str,
+                relpath: str) -> dict[str, list[str] | None]:
+        path = commands.job_path(job_id, relpath)
         answers = self.session.run_all(nodes, lambda n: commands.list_files(n, path),
                                        timeout=self.quick)
         return {name: a.stdout.split() if a.ok else None for name, a in answers.items()}

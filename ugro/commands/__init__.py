@@ -27,7 +27,6 @@ from .job import (  # noqa: F401
     watch_job,
 )
 from .probe import (  # noqa: F401
-    FIND_MODULE,
     GPU_QUERY,
     MONITOR_MARK,
     PORTS_MARK,
@@ -35,7 +34,6 @@ from .probe import (  # noqa: F401
     PROBE_SOURCE,
     SCRIPT_MARK,
     free_space,
-    has_script,
     listening_ports,
     monitor_sample,
     preflight_checks,
@@ -43,6 +41,8 @@ from .probe import (  # noqa: F401
 )
 from .shell import (  # noqa: F401
     EXIT_MARKER,
+    MARKER_PRINTF,
+    MARKER_SPAN,
     in_project,
     join,
     q,
@@ -53,14 +53,12 @@ from .sync import (  # noqa: F401
     ENV_PROBE,
     NO_PIXI,
     NO_RSYNC,
-    RSYNC_IO_TIMEOUT,
     env_fingerprint,
     pixi_install,
     rsync,
     rsync_dest,
     rsync_receiver,
     ssh,
-    ssh_argv,
     ssh_option,
     ssh_transport,
     venv_install,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import ENV_KEY_RE as ENV_KEY
 from ..config import Node
-from .shell import _MARKER_PRINTF, _MARKER_SPAN, in_project, join, q, rpath
+from .shell import MARKER_PRINTF, MARKER_SPAN, in_project, join, q, rpath
 
 
 def node_job_dir(node: Node, job_id: str) -> str:
@@ -109,7 +109,7 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str],
         's=$1; shift; [ -z "$s" ] || { sh -c "$s" "$0/exit_code" >"$0/store.log" 2>&1 & }; '
         '"$@" >"$0/output.log" 2>&1 </dev/null; c=$?; '
         'echo $c >"$0/exit_code.tmp"; mv "$0/exit_code.tmp" "$0/exit_code"; '
-        f"printf '\\n{_MARKER_PRINTF} %s\\n' $c >>\"$0/output.log\""
+        f"printf '\\n{MARKER_PRINTF} %s\\n' $c >>\"$0/output.log\""
     )
     return in_project(
         node,
@@ -142,8 +142,8 @@ def watch_job(node: Node, job_id: str, poll: float = 0.2) -> str:
     return in_project(
         node,
         f"D={q(d)}; "
-        f'if [ ! -e "$D/pgid" ]; then printf "{_MARKER_PRINTF} missing\\n"; exit 0; fi; '
-        f'P=$(cat "$D/pgid"); M=$(printf "{_MARKER_PRINTF}")' + _ALIVE + "\n"
+        f'if [ ! -e "$D/pgid" ]; then printf "{MARKER_PRINTF} missing\\n"; exit 0; fi; '
+        f'P=$(cat "$D/pgid"); M=$(printf "{MARKER_PRINTF}")' + _ALIVE + "\n"
         "off=0; end=0; "
         "while :; do "
         # Decide "finished" before measuring: what was written before it is sent below.
@@ -153,7 +153,7 @@ def watch_job(node: Node, job_id: str, poll: float = 0.2) -> str:
         "    off=$size; fi; "
         '  if [ $end -gt 0 ]; then '
         # The marker must be among the bytes already sent, not just in the file.
-        f"    s0=$((size-{_MARKER_SPAN})); [ $s0 -lt 1 ] && s0=1; "
+        f"    s0=$((size-{MARKER_SPAN})); [ $s0 -lt 1 ] && s0=1; "
         f'    tail -c +$s0 {f} 2>/dev/null | head -c $((size-s0+1)) | grep -q "$M" && break; '
         # Gone without a marker (killed, or died between exit code and marker):
         # write it after a moment's grace for a wrapper still finishing.

@@ -10,8 +10,8 @@ EXIT_MARKER = "\x1eUGRO_EXIT"  # record separator: never part of a training log 
 
 # The marker as printf writes it, and how far from a file's end its line can start
 # (newline, marker, space, an exit code or `killed`/`missing`, newline).
-_MARKER_PRINTF = EXIT_MARKER.replace("\x1e", "\\036")
-_MARKER_SPAN = len(EXIT_MARKER) + 30
+MARKER_PRINTF = EXIT_MARKER.replace("\x1e", "\\036")
+MARKER_SPAN = len(EXIT_MARKER) + 30
 
 
 def q(value) -> str:
