@@ -28,7 +28,7 @@ from .config import Cluster, Node
 from .errors import UgroError
 from .jobs import DamagedRecord, Jobs, git_state
 from .plan import LaunchConfig, plan, preflight, ranks_per_node
-from .state import JobStatus, NodeStatus, holds_nodes, in_queue, is_active
+from .state import JobStatus, NodeStatus, held_as, holds_nodes, in_queue, is_active
 from .supervise import Supervisor, iso
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -56,15 +56,6 @@ def busy_nodes(jobs: Jobs, cluster: Cluster, nodes: tuple[Node, ...]) -> list[st
         if holds_nodes(meta) and shared:
             holding.append(f"{job_id} ({held_as(meta)} on {', '.join(sorted(shared))})")
     return holding
-
-
-def held_as(meta: dict) -> str:
-    """Why a job holds its nodes, in a few words: its status, and any node still to stop."""
-    pending = [n for n, f in meta["nodes"].items()
-               if (NodeStatus.parse(f.get("status")) or NodeStatus.RUNNING).needs_stop()]
-    if pending and JobStatus.parse(meta["status"]).is_terminal():
-        return f"{meta['status']}, processes not yet confirmed stopped on {', '.join(pending)}"
-    return str(meta["status"])
 
 
 def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,

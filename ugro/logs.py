@@ -319,7 +319,8 @@ def follow(jobs: Jobs, job_id: str, out=sys.stdout, nodes: list[str] | None = No
         meta = jobs.metadata(job_id)
         active = is_active(meta.get("status"))
         for name in nodes or meta["nodes"]:
-            readers.setdefault(name, _Reader(logs / f"{name}.log"))
+            if name not in readers:
+                readers[name] = _Reader(logs / f"{name}.log")
         for node, r in readers.items():
             lines = select((parse_line(raw, node) for raw in r.lines()), rank,
                            tail if first else None)

@@ -96,6 +96,15 @@ def holds_nodes(meta: dict) -> bool:
                (NodeStatus.CANCEL_PENDING, NodeStatus.LOST) for f in nodes.values())
 
 
+def held_as(meta: dict) -> str:
+    """Why a job holds its nodes, in a few words: its status, and any node still to stop."""
+    pending = [n for n, f in meta["nodes"].items()
+               if (NodeStatus.parse(f.get("status")) or NodeStatus.RUNNING).needs_stop()]
+    if pending and JobStatus.parse(meta["status"]).is_terminal():
+        return f"{meta['status']}, processes not yet confirmed stopped on {', '.join(pending)}"
+    return str(meta["status"])
+
+
 def is_stalled(meta: dict) -> bool:
     """A running job whose supervisor found it silent for its `stall_after` (its record's
     `stalled_since`). The job stays RUNNING, active and holding its nodes: a stall is a flag on

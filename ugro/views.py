@@ -25,8 +25,6 @@ NOT_HYPERPARAMETERS = ("name", "detach", "grace", "queue", "num_nodes", "min_gpu
                        "priority", "after", "stall_after", "on_stall")
 
 
-
-
 def results(rec: JobRecord, now: datetime) -> dict:
     """The facts of one job, for `inv results`."""
     meta, config = rec.meta, rec.config
@@ -267,7 +265,6 @@ def duration(meta: dict, now: datetime) -> float | None:
     return round(max(0.0, (end - start).total_seconds()), 1)
 
 
-# -- the loss plot -------------------------------------------------------------
 def plot_loss(points: list[MetricPoint], path: Path, title: str) -> tuple[Path | None, str]:
     """Save the loss curve as a PNG if matplotlib is there; (the path or None, a note)."""
     curve = [(p.step if p.step is not None else i, p.loss) for i, p in enumerate(points)
@@ -288,9 +285,3 @@ def plot_loss(points: list[MetricPoint], path: Path, title: str) -> tuple[Path |
     with store.replacing(path) as tmp:
         fig.savefig(tmp, format="png")
     return path, str(path)
-
-
-
-
-
-

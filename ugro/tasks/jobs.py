@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import closing
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -113,6 +114,9 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
                       min_gpu_mem=min_gpu_mem, priority=whole("priority", priority) or 0,
                       after=tuple(a.strip() for a in (after or "").split(",") if a.strip()))
     cluster = cluster_of(c)
+    if queue and cluster.slurm is not None:
+        raise UgroError(f"--queue: Slurm queues every job itself (slurm: in {cluster.source}); "
+                        "launch without --queue")
     jobs = jobs_of(c)
     if sync or defaults.get("sync", False):
         from .. import sync as sync_mod
@@ -123,63 +127,50 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
             raise UgroError("sync before launch failed: " + "; ".join(
                 f"{r.node}: {r.error}" for r in failed))
         print(sync_mod.sync_table(results), flush=True)
-    if queue and cluster.slurm is not None:
-        raise UgroError(f"--queue: Slurm queues every job itself (slurm: in {cluster.source}); "
-                        "launch without --queue")
-    session = None
-    if queue:
-        job_id = schedule.enqueue(jobs, cluster, cfg, ROOT)
-        schedule.run_pass(jobs, cluster, ROOT)
-        meta = jobs.metadata(job_id)
-        if meta["status"] == JobStatus.QUEUED:
-            row = next(r for r in views.queue([jobs.metadata(j) for j in jobs.active()],
-                                              records.utcnow()) if r["job_id"] == job_id)
-            print(f"job {job_id}: queued at position {row['position']} ({row['reason']}); "
-                  f"see: inv queue")
-            return
-        if not is_active(meta["status"]):
-            raise UgroError(f"job {job_id}: {meta['status']}: {meta.get('error')}")
-    else:
-        # The preflight's connections, kept for wait_for_ranks (Slurm: no SSH to the nodes).
-        session = Session(cluster) if cluster.slurm is None else None
-        try:
+    detached = (f"detached; follow with: inv logs {cfg.name} --follow; "
+                f"stop with: inv cancel {cfg.name}")
+    # Connects on first use: the preflight's connections, kept for wait_for_ranks.
+    with closing(Session(cluster)) as session:
+        if queue:
+            job_id = schedule.enqueue(jobs, cluster, cfg, ROOT)
+            schedule.run_pass(jobs, cluster, ROOT)
+            meta = jobs.metadata(job_id)
+            if meta["status"] == JobStatus.QUEUED:
+                row = next(r for r in views.queue([jobs.metadata(j) for j in jobs.active()],
+                                                  records.utcnow()) if r["job_id"] == job_id)
+                print(f"job {job_id}: queued at position {row['position']} ({row['reason']}); "
+                      f"see: inv queue")
+                return
+            if not is_active(meta["status"]):
+                raise UgroError(f"job {job_id}: {meta['status']}: {meta.get('error')}")
+        else:
             job_id = lifecycle.launch(jobs, cluster, cfg, ROOT, warn=note, session=session)
-        except BaseException:
-            if session is not None:
-                session.close()
-            raise
-    meta = jobs.metadata(job_id)
-    if meta.get("slurm"):
-        s = meta["slurm"]
-        print(f"job {job_id}: Slurm job {s['job_id']}, world size {meta['world_size']} "
-              f"({s['nodes']} nodes x {s['nproc']}); QUEUED until Slurm starts it", flush=True)
-        if detach:
-            print(f"detached; follow with: inv logs {cfg.name} --follow; "
-                  f"stop with: inv cancel {cfg.name}")
-            return
-        return attached(jobs, cluster, job_id)
-    where = ", ".join(f"{n} ({v['nproc']} rank{'s' if v['nproc'] > 1 else ''})"
-                      for n, v in meta["nodes"].items())
-    print(f"job {job_id}: world size {meta['world_size']} on {where}; "
-          f"rendezvous {meta['master']}", flush=True)
-    if detach:
-        try:
-            started = lifecycle.wait_for_ranks(jobs, cluster, job_id, session=session)
-        finally:
-            if session is not None:
-                session.close()
-        print("started: " + ", ".join(f"{n} {s}" for n, s in started.items()))
         meta = jobs.metadata(job_id)
-        if meta["status"] == JobStatus.COMPLETED:
-            print(f"job {job_id}: COMPLETED already")
-            return
-        if not is_active(meta["status"]):
-            raise Exit(f"ugro: job {job_id}: {meta['status']}: {meta.get('error')}", code=1)
-        print(f"detached; follow with: inv logs {cfg.name} --follow; "
-              f"stop with: inv cancel {cfg.name}")
-        return
-    if session is not None:
-        session.close()
+        if meta.get("slurm"):
+            s = meta["slurm"]
+            print(f"job {job_id}: Slurm job {s['job_id']}, world size {meta['world_size']} "
+                  f"({s['nodes']} nodes x {s['nproc']}); QUEUED until Slurm starts it",
+                  flush=True)
+            if detach:
+                print(detached)
+                return
+        else:
+            where = ", ".join(f"{n} ({v['nproc']} rank{'s' if v['nproc'] > 1 else ''})"
+                              for n, v in meta["nodes"].items())
+            print(f"job {job_id}: world size {meta['world_size']} on {where}; "
+                  f"rendezvous {meta['master']}", flush=True)
+            if detach:
+                started = lifecycle.wait_for_ranks(jobs, cluster, job_id, session=session)
+                print("started: " + ", ".join(f"{n} {s}" for n, s in started.items()))
+                meta = jobs.metadata(job_id)
+                if meta["status"] == JobStatus.COMPLETED:
+                    print(f"job {job_id}: COMPLETED already")
+                    return
+                if not is_active(meta["status"]):
+                    raise Exit(f"ugro: job {job_id}: {meta['status']}: {meta.get('error')}",
+                               code=1)
+                print(detached)
+                return
     attached(jobs, cluster, job_id)
 
 

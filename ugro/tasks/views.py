@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from invoke import Collection, task
 
 from ..errors import UgroError
-from ..state import JobStatus, is_active, watched
+from ..state import JobStatus, held_as, is_active, watched
 from .common import (
     cli,
     cluster_of,
@@ -300,9 +300,7 @@ def status(c, refresh=False, json=False):
             notes.append(f"{rec.job_id}: holds its nodes until its record is fixed or removed "
                          f"({'; '.join(rec.damaged)})")
         elif rec.status == JobStatus.CANCELLING or not is_active(rec.status):
-            from .. import lifecycle  # the launch path: paid only when a job holds its nodes
-
-            notes.append(f"{rec.job_id}: {lifecycle.held_as(rec.meta)}: {rec.meta.get('error')}")
+            notes.append(f"{rec.job_id}: {held_as(rec.meta)}: {rec.meta.get('error')}")
     queued = views.queue([r.meta for r in active if not r.damaged], records.utcnow())
     view = views.status(state, running, history, records.utcnow(), fresh, notes, queued, sampled)
     show(view, render.status_text, json, [])  # status shows its notes itself
