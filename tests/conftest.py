@@ -48,6 +48,19 @@ def tagged_pids(job_id: str) -> list[int]:
     return procs.tagged(b"UGRO_JOB_ID", job_id.encode())
 
 
+def meta_of(data: Path, job_id: str) -> dict:
+    """A job's record in a data directory."""
+    return json.loads((data / "experiments" / job_id / "metadata.json").read_text())
+
+
+def begun(jobs, name: str, nodes=("a", "b")) -> str:
+    """A new job's first record (PENDING), one rank on each of `nodes`."""
+    job_id = jobs.create(name)
+    jobs.begin(job_id, name, cluster_file="c.yaml", world_size=len(nodes), master="x:1",
+               nodes={n: {"node_rank": i, "nproc": 1} for i, n in enumerate(nodes)})
+    return job_id
+
+
 def wait_for(predicate, timeout=60.0, every=0.1):
     """The predicate's first true value, polled every `every` seconds for `timeout`."""
     deadline = time.monotonic() + timeout

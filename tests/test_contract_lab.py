@@ -8,12 +8,9 @@ the user typed, and tell them everything else through the environment.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-from conftest import ROOT
-
-from ugro import procs
+from conftest import tagged_pids
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -71,9 +68,8 @@ BROKEN = "import torch\nimport a_module_that_is_not_installed\n"
 
 
 @pytest.fixture(scope="module")
-def project(lab):
-    for node in lab.nodes:
-        shutil.copytree(ROOT / "scripts", node.project / "scripts", dirs_exist_ok=True)
+def project(lab_project):
+    for node in lab_project.nodes:
         (node.project / "foreign").mkdir(exist_ok=True)
         (node.project / "foreign/strict.py").write_text(STRICT)
         (node.project / "foreign/positional.py").write_text(POSITIONAL)
@@ -82,7 +78,7 @@ def project(lab):
         pkg.mkdir(exist_ok=True)
         (pkg / "__init__.py").write_text("")
         (pkg / "train.py").write_text(STRICT)
-    return lab
+    return lab_project
 
 
 @pytest.fixture
@@ -123,7 +119,7 @@ def test_strict_argparse_script_runs_unmodified_and_its_metrics_come_home(inv, c
     # The foreign script's log lines are its metrics, and the results say so.
     view = json.loads(inv("results", "strict", "--json", cluster=cluster, check=0).stdout)
     assert view["metrics"]["source"] == "logs" and view["metrics"]["points"] == 12
-    assert procs.tagged(b"UGRO_JOB_ID", job.name.encode()) == []
+    assert tagged_pids(job.name) == []
 
 
 def test_positional_script_gets_its_arguments_verbatim(inv, cluster):
@@ -153,7 +149,7 @@ def test_a_script_that_cannot_start_fails_with_its_first_error_and_leaves_nothin
     assert "ModuleNotFoundError" in r.stderr
     # The rendezvous store outlived every agent: no node failed to shut the rendezvous down.
     assert "recvVector" not in node_logs(job) and "failed to shutdown" not in node_logs(job)
-    assert procs.tagged(b"UGRO_JOB_ID", job.name.encode()) == []
+    assert tagged_pids(job.name) == []
 
 
 def test_a_script_missing_on_a_node_is_refused_in_preflight(inv, cluster, lab):

@@ -7,7 +7,6 @@ SIGSTOP of its sshd and that sshd's children; every test that freezes thaws in `
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, tagged_pids, wait_for
+from conftest import ROOT, meta_of, tagged_pids, wait_for
 
 from ugro import procs
 
@@ -27,10 +26,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 LONG = "--steps-per-epoch 1000 --sleep-per-step 0.2"
 LOST_AFTER = 4.0
 ENDED = ("COMPLETED", "FAILED", "CANCELLED")
-
-
-def meta_of(data: Path, job_id: str) -> dict:
-    return json.loads((data / "experiments" / job_id / "metadata.json").read_text())
 
 
 def only_job(data: Path) -> str:

@@ -10,6 +10,7 @@ import sys
 from datetime import datetime
 
 import pytest
+from conftest import begun
 
 from ugro.config import parse_cluster
 from ugro.errors import UgroError
@@ -24,13 +25,6 @@ workers:
   - {name: b, ip: 127.0.0.9}
   - {name: c, ip: 127.0.0.10}
 """
-
-
-def begun(jobs: Jobs, name: str, nodes=("a", "b")) -> str:
-    job_id = jobs.create(name)
-    jobs.begin(job_id, name, cluster_file="c.yaml", world_size=len(nodes), master="x:1",
-               nodes={n: {"node_rank": i, "nproc": 1} for i, n in enumerate(nodes)})
-    return job_id
 
 
 def test_states_answer_questions():

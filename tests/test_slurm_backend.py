@@ -7,13 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from ugro import slurm, views
 from ugro.commands import EXIT_MARKER
 from ugro.config import ConfigError, load_cluster, parse_cluster
 from ugro.health import gres_gpus
 
-ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = "backend: slurm\nslurm:\n  shared_dir: /scratch/u\n  project_path: /home/u/ugro\n"
 
 

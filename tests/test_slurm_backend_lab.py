@@ -10,17 +10,16 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, tagged_pids, wait_for
 
 from ugro import procs, slurm_parse
 
 pytest_plugins = ["slurm_fixtures"]
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = "--steps-per-epoch 6 --log-every 2 --batch-size 8 --seq-len 32"
 
 
@@ -63,29 +62,14 @@ def meta_of(run, name: str) -> dict:
 
 
 def wait_meta(run, name: str, ready, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
+    def meta() -> dict | None:
         try:
-            meta = meta_of(run, name)
-            if ready(meta):
-                return meta
+            m = meta_of(run, name)
         except (ValueError, FileNotFoundError):
-            pass
-        assert time.monotonic() < deadline, f"{name}: not ready in {timeout}s"
-        time.sleep(0.3)
+            return None
+        return m if ready(m) else None
 
-
-def tagged(job_id: str) -> list[int]:
-    """Processes that carry this job's UGRO_JOB_ID."""
-    tag = f"UGRO_JOB_ID={job_id}".encode()
-    out = []
-    for p in Path("/proc").iterdir():
-        try:
-            if p.name.isdigit() and tag in (p / "environ").read_bytes().split(b"\0"):
-                out.append(int(p.name))
-        except OSError:
-            continue
-    return out
+    return wait_for(meta, timeout, every=0.3)
 
 
 def test_two_node_ddp_job_completes_with_metrics_and_logs(run):
@@ -144,7 +128,7 @@ def test_cancel_ends_cancelled_with_no_process_left(run):
     r = run("cancel", "long", check=0)
     assert "CANCELLED" in r.stdout
     job_id = meta["job_id"]
-    assert tagged(job_id) == []
+    assert tagged_pids(job_id) == []
     meta = wait_meta(run, "long", lambda m: all(
         n.get("exit_code") is not None for n in m["nodes"].values()), timeout=30)
     assert meta["status"] == "CANCELLED" and "failure" not in meta
@@ -166,10 +150,7 @@ def test_waiting_job_is_queued_with_slurms_reason(run, slurm_lab, tmp_path):
         # Queued by Slurm, not by UGRO's queue: a dead supervisor is started again by status.
         dead = meta["supervisor_pid"]
         os.kill(dead, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while procs.running(dead, b"ugro.supervise"):
-            assert time.monotonic() < deadline, "the supervisor outlived SIGKILL"
-            time.sleep(0.1)
+        wait_for(lambda: not procs.running(dead, b"ugro.supervise"), 10)
         assert "PENDING (Resources)" in run("status", check=0).stdout
         again = meta_of(run, "waiter")["supervisor_pid"]
         assert again != dead and procs.running(again, b"ugro.supervise")

@@ -14,7 +14,7 @@ import urllib.request
 from datetime import datetime
 
 import pytest
-from conftest import ROOT, wait_for
+from conftest import ROOT, meta_of, wait_for
 
 from ugro import procs
 from ugro.config import load_cluster
@@ -48,10 +48,6 @@ def project(lab):
 @pytest.fixture
 def cluster(project, tmp_path):
     return project.cluster_file(tmp_path / "lab.yaml", project.nodes[:2])
-
-
-def meta_of(data, job_id):
-    return json.loads((data / "experiments" / job_id / "metadata.json").read_text())
 
 
 def only_job(data) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from conftest import begun
+
 from ugro import schedule
 from ugro.config import parse_cluster
 from ugro.jobs import Jobs
@@ -33,9 +35,7 @@ class Killer:
 def supervisor(tmp_path, schedules=False) -> tuple[Supervisor, Killer]:
     cluster = parse_cluster(CLUSTER, tmp_path / "c.yaml")
     jobs = Jobs(tmp_path / "data")
-    job_id = jobs.create("exp")
-    jobs.begin(job_id, "exp", cluster_file="c.yaml", world_size=3, master="x:1",
-               nodes={n: {"node_rank": i, "nproc": 1} for i, n in enumerate("abc")})
+    job_id = begun(jobs, "exp", nodes="abc")
     jobs.mark_running(job_id, {"a": 1, "b": 2, "c": 3})
     sup = Supervisor(jobs, cluster, job_id)
     sup.schedules = schedules
@@ -114,10 +114,7 @@ def test_allocated_only_while_queued(tmp_path):
 
 def pending(tmp_path) -> tuple[Jobs, str]:
     jobs = Jobs(tmp_path / "data")
-    job_id = jobs.create("exp")
-    jobs.begin(job_id, "exp", cluster_file="c.yaml", world_size=2, master="x:1",
-               nodes={n: {"node_rank": i, "nproc": 1} for i, n in enumerate("ab")})
-    return jobs, job_id
+    return jobs, begun(jobs, "exp")
 
 
 def test_a_launch_that_died_before_recording_the_start_hands_the_job_over(tmp_path):
