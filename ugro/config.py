@@ -20,7 +20,6 @@ from .errors import UgroError
 from .fields import ConfigError, Fields, expand, expand_path, whoami
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]*$")
 STRATEGIES = ("pixi", "venv", "system")
 SLURM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")  # partition, account, qos
@@ -199,7 +198,7 @@ def _node(source: Path, path: str, data: Any, default_rank: int) -> Node:
         cpu_procs=f.count("cpu_procs", 1, minimum=1),
         rank=f.count("rank", default_rank),
         local=local,
-        env=f.env("env", ENV_KEY_RE),
+        env=f.env("env"),
         gpu_model=f.string("gpu_model", None),
     )
 
@@ -340,7 +339,7 @@ def _slurm_cluster(top: Fields, project_root: Path | None) -> Cluster:
         time_limit=time_limit,
         setup=tuple(setup),
         python=_python_env(f, "python", False),
-        env=f.env("env", ENV_KEY_RE),
+        env=f.env("env"),
         **names,
     )
     return Cluster(name=settings.string("name", source.stem), source=source, nodes=(login,),

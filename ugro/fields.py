@@ -7,10 +7,13 @@ the machine that reads it (a remote node's own, for a path used there).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from .errors import UgroError
+
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # a name a shell takes in `export`
 
 
 class ConfigError(UgroError):
@@ -74,11 +77,11 @@ class Fields:
             self.fail(key, f"must be >= {minimum}")
         return value
 
-    def env(self, key: str, names) -> dict[str, str]:
-        """Environment variables: names matching the `names` pattern, values made strings."""
+    def env(self, key: str) -> dict[str, str]:
+        """Environment variables: names as a shell takes them, values made strings."""
         env = self.get(key, dict, {})
         for k, v in env.items():
-            if not isinstance(k, str) or not names.match(k):
+            if not isinstance(k, str) or not ENV_KEY_RE.match(k):
                 self.fail(key, f"not an environment variable name: {k!r}")
             if not isinstance(v, (str, int, float)) or isinstance(v, bool):
                 self.fail(f"{key}.{k}", "expected a string")

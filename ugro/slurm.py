@@ -25,10 +25,10 @@ import re
 from dataclasses import dataclass, field
 
 from .commands import MARKER_PRINTF, MARKER_SPAN, join, q, rpath
-from .config import ENV_KEY_RE
 from .config import SLURM_NAME_RE as NAME_RE
 from .config import SLURM_TIME_RE as TIME_RE
 from .errors import UgroError
+from .fields import ENV_KEY_RE
 from .slurm_parse import STATUS
 from .slurm_parse import slurm_id as _slurm_id
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import ENV_KEY_RE as ENV_KEY
 from ..config import Node
+from ..fields import ENV_KEY_RE as ENV_KEY
 from .shell import MARKER_PRINTF, MARKER_SPAN, in_project, join, q, rpath
 
 
