@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from slurmlab import SlurmLab, unavailable  # noqa: E402
+from sshlab import rendezvous_port  # noqa: E402
+
+from benchmarks.measure import wait_until  # noqa: E402
 
 ARGS = "--epochs 1 --steps-per-epoch 3 --log-every 1 --batch-size 8 --seq-len 32"
 HAND = """\
@@ -40,15 +43,13 @@ srun --kill-on-bad-exit=1 --output={out}/%N-%t.log {python} -m torch.distributed
 """
 
 
-def until_up(files, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+def until_up(files, timeout: float = 120) -> float:
+    """When both ranks had printed that they are up in the output files (perf_counter)."""
+    def up() -> bool:
         text = "".join(p.read_text(errors="replace") for p in files() if p.is_file())
-        if text.count(" up on ") >= 2 or ("rank 0/2 up" in text and "rank 1/2 up" in text):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError("ranks not up")
-        time.sleep(0.02)
+        return text.count(" up on ") >= 2 or ("rank 0/2 up" in text and "rank 1/2 up" in text)
+
+    return wait_until(up, timeout, "both ranks up")
 
 
 def ugro_once(lab: SlurmLab, work: Path, n: int) -> float:
@@ -67,35 +68,31 @@ slurm:
                    "INVOKE_UGRO_DATA_DIR": str(work / "data"),
                    "INVOKE_UGRO_LOG_DIR": str(work / "logs")})
     name = f"bench{n}"
-    start = time.monotonic()
+    start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "invoke", "launch", "--name", name, "--detach",
                     "--script-args", ARGS], cwd=ROOT, env=env, check=True,
                    capture_output=True, text=True)
-    until_up(lambda: list(shared.glob(f"{name}_*/nodes/*/output.log")))
-    took = time.monotonic() - start
+    took = until_up(lambda: list(shared.glob(f"{name}_*/nodes/*/output.log"))) - start
     wait_idle(lab)
     return took
 
 
 def hand_once(lab: SlurmLab, work: Path, n: int) -> float:
-    from slurmlab import free_port
-
     out = work / f"hand{n}"
     out.mkdir()
     script = out / "job.sh"
-    script.write_text(HAND.format(root=ROOT, out=out, python=sys.executable, port=free_port(),
+    script.write_text(HAND.format(root=ROOT, out=out, python=sys.executable, port=rendezvous_port(),
                                   args=ARGS))
-    start = time.monotonic()
+    start = time.perf_counter()
     lab.run("sbatch", "--parsable", str(script), cwd=out)
-    until_up(lambda: list(out.glob("*.log")))
-    took = time.monotonic() - start
+    took = until_up(lambda: list(out.glob("*.log"))) - start
     wait_idle(lab)
     return took
 
 
 def wait_idle(lab: SlurmLab) -> None:
-    while lab.run("squeue", "-h", "-o", "%i").stdout.strip():
-        time.sleep(0.2)
+    wait_until(lambda: not lab.run("squeue", "-h", "-o", "%i").stdout.strip(), 120,
+               "Slurm idle", every=0.2)
 
 
 def main() -> int:
