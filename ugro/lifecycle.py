@@ -142,24 +142,24 @@ def submit(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path, backend)
         job_id = jobs.create(cfg.name)
         job = backend.batch_job(job_id, cfg)
         world = job.nodes * job.nproc_per_node
-        store.write_json(jobs.dir(job_id) / "config.json", {
+        facts = {"job_dir": job.job_dir, "nodes": job.nodes, "nproc": job.nproc_per_node}
+        config = {
             "job_id": job_id,
             "launch": asdict(cfg),
             "cluster": {"name": cluster.name, "file": str(cluster.source), "backend": "slurm"},
             "world_size": world,
-            "slurm": {"job_dir": job.job_dir, "nodes": job.nodes, "nproc": job.nproc_per_node},
+            "slurm": facts,
             "git": git_state(root),
-        })
+        }
+        store.write_json(jobs.dir(job_id) / "config.json", config)
         jobs.submitted(job_id, cfg.name, cluster_file=str(cluster.source), world_size=world,
-                       slurm={"job_id": None, "job_dir": job.job_dir, "nodes": job.nodes,
-                              "nproc": job.nproc_per_node})
+                       slurm={"job_id": None, **facts})
         try:
-            slurm_id, script = backend.submit(job_id, cfg)
+            slurm_id, script = backend.submit(job)
         except UgroError as exc:
             jobs.finish(job_id, JobStatus.FAILED, error=f"submit failed: {exc}")
             raise UgroError(f"job {job_id}: submit failed: {exc}") from None
-        config = jobs.config(job_id)
-        config["slurm"].update(job_id=slurm_id, script=script)
+        config["slurm"] = {**facts, "job_id": slurm_id, "script": script}
         store.write_json(jobs.dir(job_id) / "config.json", config)
         jobs.note_slurm(job_id, {"job_id": slurm_id, "state": "PENDING", "reason": None})
     spawn_supervisor(jobs, cluster, job_id)

@@ -16,7 +16,7 @@ from ..config import Cluster, Node
 from ..state import NodeState
 
 if TYPE_CHECKING:
-    from ..cluster import Session
+    from ..cluster import Answer, Session
     from ..plan import NodePlan
 
 
@@ -41,6 +41,13 @@ class Fetched:
 
     text: str | None
     error: str | None = None
+
+    @classmethod
+    def of(cls, answer: Answer) -> Fetched:
+        """What a `cat` on a node gave: the file's text, or why there is none."""
+        if answer.ok:
+            return cls(answer.stdout)
+        return cls(None, answer.error or answer.stderr.strip() or f"exit code {answer.exited}")
 
 
 class Sink(Protocol):

@@ -59,9 +59,6 @@ class SlurmBackend(OverSession):
     # -- submitting ---------------------------------------------------------
     def batch_job(self, job_id: str, cfg: LaunchConfig) -> slurm.BatchJob:
         s = self.settings
-        if cfg.nodes:
-            raise UgroError(f"--nodes {cfg.nodes}: Slurm chooses the nodes; set slurm.nodes "
-                            f"in {self.cluster.source} for how many")
         job_dir = self.job_dir(job_id)
         template = s.node("node")
         env = {**rank_env(template, cfg), "UGRO_JOB_DIR": job_dir,
@@ -77,7 +74,8 @@ class SlurmBackend(OverSession):
     def preflight(self, cfg: LaunchConfig) -> list[slurm_parse.SlurmNode]:
         """The partition exists and has nodes; nothing is occupied to find out."""
         if cfg.nodes:
-            self.batch_job("check", cfg)  # raises: --nodes means nothing here
+            raise UgroError(f"--nodes {cfg.nodes}: Slurm chooses the nodes; set slurm.nodes "
+                            f"in {self.cluster.source} for how many")
         nodes = self.partition()
         if not nodes:
             where = f"partition {self.settings.partition!r}" if self.settings.partition \
@@ -87,15 +85,16 @@ class SlurmBackend(OverSession):
             raise UgroError(f"{where} has no nodes or does not exist (slurm.partition in "
                             f"{self.cluster.source}; this cluster has: "
                             f"{', '.join(known) or 'none'})")
-        if len({n.name for n in nodes}) < self.settings.nodes:
+        count = len({n.name for n in nodes})
+        if count < self.settings.nodes:
             raise UgroError(f"slurm.nodes is {self.settings.nodes}, but the partition has "
-                            f"{len({n.name for n in nodes})} nodes")
+                            f"{count} nodes")
         return nodes
 
-    def submit(self, job_id: str, cfg: LaunchConfig) -> tuple[str, str]:
+    def submit(self, job: slurm.BatchJob) -> tuple[str, str]:
         """Write the batch script into the job directory and submit it: (Slurm's id, script)."""
-        script = slurm.batch_script(self.batch_job(job_id, cfg))
-        out = self._run(slurm.write_and_submit(self.job_dir(job_id), script))
+        script = slurm.batch_script(job)
+        out = self._run(slurm.write_and_submit(job.job_dir, script))
         return slurm_parse.parse_submit(out), script
 
     # -- where a job is -----------------------------------------------------
@@ -175,9 +174,7 @@ class SlurmBackend(OverSession):
                 for i, n in enumerate(nodes)}
 
     def _cat(self, path: str) -> Fetched:
-        a = self.session.run(self.login, f"cat {slurm.rpath(path)}")
-        return Fetched(a.stdout) if a.ok else Fetched(
-            None, a.error or a.stderr.strip() or f"exit code {a.exited}")
+        return Fetched.of(self.session.run(self.login, f"cat {slurm.rpath(path)}"))
 
     # -- health -------------------------------------------------------------
     def partition(self) -> list[slurm_parse.SlurmNode]:

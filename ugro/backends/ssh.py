@@ -89,10 +89,7 @@ class SSHBackend(OverSession):
         return self._fetch(nodes, lambda n: commands.read_file(n, path))
 
     def _fetch(self, nodes: list[Node], command) -> dict[str, Fetched]:
-        answers = self.session.run_all(nodes, command)
-        return {name: Fetched(a.stdout) if a.ok else
-                Fetched(None, a.error or a.stderr.strip() or f"exit code {a.exited}")
-                for name, a in answers.items()}
+        return {name: Fetched.of(a) for name, a in self.session.run_all(nodes, command).items()}
 
     def listdir(self, nodes: list[Node], job_id: str,
                 relpath: str) -> dict[str, list[str] | None]:
