@@ -87,8 +87,6 @@ def test_time_limits_slurm_accepts(limit):
 
 
 def test_command_lines():
-    assert slurm.submit("/shared/my jobs/j1") == (
-        "cd '/shared/my jobs/j1' && sbatch --parsable batch.sh")
     assert slurm.cancel("4242") == "scancel 4242"
     assert slurm.squeue(["4242", "4243"]) == "squeue -h -t all -j 4242,4243 -o '%i|%T|%r|%D|%N'"
     assert slurm.sacct(["4242"]) == "sacct -n -P -j 4242 -o JobID,State,ExitCode,NodeList"

@@ -58,9 +58,8 @@ dist.destroy_process_group()
 
 
 def submit(lab, job: slurm.BatchJob) -> str:
-    Path(job.job_dir).mkdir(parents=True, exist_ok=True)
-    (Path(job.job_dir) / slurm.BATCH_FILE).write_text(slurm.batch_script(job))
-    return slurm_parse.parse_submit(lab.sh(slurm.submit(job.job_dir)).stdout)
+    out = lab.sh(slurm.write_and_submit(job.job_dir, slurm.batch_script(job))).stdout
+    return slurm_parse.parse_submit(out)
 
 
 def show(lab, slurm_id: str) -> slurm_parse.SlurmJob:

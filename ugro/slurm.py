@@ -1,9 +1,11 @@
 """Slurm as text: the batch script UGRO submits, the commands it runs, and what they print.
 
-No I/O here: the Slurm backend runs `submit()`, `squeue()`, `sacct()`,
-`show_job()` and `sinfo()` wherever the cluster's login node is, and hands
-their output to `ugro.slurm_parse`, whose parsers read exactly the formats
-these functions ask for.
+No I/O here: the Slurm backend runs `write_and_submit()`, `squeue()`, `cancel()`,
+`sinfo()` and the per-node readers below wherever the cluster's login node is,
+and hands their output to `ugro.slurm_parse`, whose parsers read exactly the
+formats these functions ask for. `sacct()` and `show_job()` are not on its path
+(a Slurm without slurmdbd has no accounting; `squeue -t all` and the job
+directory's files say what it needs); the tests read a real Slurm with `show_job()`.
 
 The batch script runs on the first node of the allocation. It takes that node
 (`scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1`) as the c10d
@@ -144,7 +146,7 @@ def node_script(job: BatchJob) -> str:
 
 
 def batch_script(job: BatchJob) -> str:
-    """The sbatch script for `job`; `submit()` submits it from the job directory."""
+    """The sbatch script for `job`; `write_and_submit()` submits it from the job directory."""
     directives = [
         f"--job-name={job.job_id}",
         f"--nodes={job.nodes}",
@@ -186,11 +188,6 @@ def batch_script(job: BatchJob) -> str:
 
 BATCH_FILE = "batch.sh"
 SLURM_ID_FILE = "slurm_id"
-
-
-def submit(job_dir: str) -> str:
-    """Submit the job directory's batch script; Slurm's own output lands there as slurm-<id>.out."""
-    return f"cd {rpath(job_dir)} && sbatch --parsable {BATCH_FILE}"
 
 
 def write_and_submit(job_dir: str, script: str) -> str:
