@@ -108,7 +108,8 @@ def test_allocated_only_while_queued(tmp_path):
     jobs.submitted(job_id, "on-slurm", cluster_file="s.yaml", world_size=2,
                    slurm={"job_id": "7", "nodes": 2, "nproc": 1})
     jobs.finish(job_id, JobStatus.CANCELLED, error="cancelled by user")
-    meta = jobs.mark_allocated(job_id, {"n1": {"node_rank": 0, "nproc": 1}})
+    meta = jobs.mark_allocated(job_id, {"n1": {"node_rank": 0, "nproc": 1}},
+                               slurm={"state": "RUNNING", "reason": None})
     assert meta["status"] == "CANCELLED" and meta["nodes"] == {}
 
 

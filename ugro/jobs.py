@@ -180,20 +180,29 @@ class Jobs:
         store.write_json(path, meta)
         return meta
 
-    def enqueue(self, job_id: str, name: str, *, cluster_file: str, queue: dict) -> dict:
-        """The first record of a queued job: QUEUED, no nodes yet, the request in `queue`."""
+    def _queued(self, job_id: str, name: str, cluster_file: str, world_size: int | None,
+                **facts) -> dict:
+        """The first record of a job that waits: QUEUED, no nodes yet; `facts` say for what
+        (UGRO's queue: `queue`; Slurm's: `slurm`)."""
         meta = {
             "job_id": job_id, "name": name, "status": JobStatus.QUEUED,
             "created_at": now(), "started_at": None, "ended_at": None,
-            "cluster_file": cluster_file, "world_size": None, "master": None, "nodes": {},
-            "queue": queue,
+            "cluster_file": cluster_file, "world_size": world_size, "master": None,
+            "nodes": {}, **facts,
         }
         store.write_json(self.dir(job_id) / "metadata.json", meta)
         return meta
 
+    def _note(self, job_id: str, key: str, facts: dict) -> dict:
+        return self._update(job_id, lambda meta: meta.setdefault(key, {}).update(facts))
+
+    def enqueue(self, job_id: str, name: str, *, cluster_file: str, queue: dict) -> dict:
+        """The first record of a queued job: QUEUED, no nodes yet, the request in `queue`."""
+        return self._queued(job_id, name, cluster_file, None, queue=queue)
+
     def note_queue(self, job_id: str, facts: dict) -> dict:
         """Update a queued job's queue facts (why it waits, since when)."""
-        return self._update(job_id, lambda meta: meta.setdefault("queue", {}).update(facts))
+        return self._note(job_id, "queue", facts)
 
     def requeue(self, job_id: str, why: str) -> dict:
         """Put a claimed job whose start never reached any node back in the queue."""
@@ -206,23 +215,18 @@ class Jobs:
     def submitted(self, job_id: str, name: str, *, cluster_file: str, world_size: int,
                   slurm: dict) -> dict:
         """The first record of a job handed to Slurm: QUEUED, no nodes until Slurm picks them."""
-        meta = {
-            "job_id": job_id, "name": name, "status": JobStatus.QUEUED,
-            "created_at": now(), "started_at": None, "ended_at": None,
-            "cluster_file": cluster_file, "world_size": world_size, "master": None,
-            "nodes": {}, "slurm": slurm,
-        }
-        store.write_json(self.dir(job_id) / "metadata.json", meta)
-        return meta
+        return self._queued(job_id, name, cluster_file, world_size, slurm=slurm)
 
     def note_slurm(self, job_id: str, facts: dict) -> dict:
         """What Slurm says of the job now (its state, why it is pending)."""
-        return self._update(job_id, lambda meta: meta.setdefault("slurm", {}).update(facts))
+        return self._note(job_id, "slurm", facts)
 
-    def mark_allocated(self, job_id: str, nodes: dict[str, dict]) -> dict:
-        """RUNNING from now on the nodes Slurm chose (each with its rank and rank count);
-        a job no longer QUEUED (cancelled meanwhile) stays as it is."""
+    def mark_allocated(self, job_id: str, nodes: dict[str, dict], slurm: dict) -> dict:
+        """RUNNING from now on the nodes Slurm chose (each with its rank and rank count), with
+        what Slurm says of it (`note_slurm`); a job no longer QUEUED (cancelled meanwhile)
+        keeps its status and nodes."""
         def change(meta):
+            meta.setdefault("slurm", {}).update(slurm)
             if JobStatus.parse(meta.get("status")) is not JobStatus.QUEUED:
                 return
             meta["status"] = JobStatus.RUNNING

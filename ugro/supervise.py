@@ -131,9 +131,10 @@ class Supervisor:
             if job.nodelist and job.state.split()[0] != "PENDING":
                 names = backend.hostnames(job.nodelist)
                 nproc = meta["slurm"]["nproc"]
-                self.jobs.note_slurm(self.job_id, {"state": job.state, "reason": None})
-                return self.jobs.mark_allocated(self.job_id, {
-                    name: {"node_rank": i, "nproc": nproc} for i, name in enumerate(names)})
+                return self.jobs.mark_allocated(
+                    self.job_id,
+                    {name: {"node_rank": i, "nproc": nproc} for i, name in enumerate(names)},
+                    slurm={"state": job.state, "reason": None})
             if job.status.is_terminal():
                 return self.jobs.finish(self.job_id, job.status,
                                         error=f"Slurm: {job.state} before it started"
