@@ -39,10 +39,12 @@ alive() {
 # workers in new sessions, so the group alone does not reach them after a
 # SIGKILL; the node name keeps nodes that share a machine apart).
 _TAGGED = r"""
+tagged_files() {
+  f=$(grep -lzxF "UGRO_JOB_ID=$J" /proc/[0-9]*/environ 2>/dev/null)
+  [ -z "$f" ] || grep -lzxF "UGRO_NODE=$N" $f 2>/dev/null
+}
 tagged() {
-  for f in $(grep -lzxF "UGRO_JOB_ID=$J" /proc/[0-9]*/environ 2>/dev/null); do
-    grep -qzxF "UGRO_NODE=$N" "$f" 2>/dev/null && { f=${f#/proc/}; echo "${f%/environ}"; }
-  done
+  for f in $(tagged_files); do f=${f#/proc/}; echo "${f%/environ}"; done
 }
 """
 
@@ -220,11 +222,10 @@ def await_ranks(node: Node, job_id: str, want: int, timeout: float,
     ticks = max(1, int(timeout / poll))
     return in_project(
         node,
-        f"D={q(d)}; J={q(job_id)}; N={q(node.name)}" + _ALIVE + "\n"
+        f"D={q(d)}; J={q(job_id)}; N={q(node.name)}" + _ALIVE + _TAGGED + "\n"
         f"i=0; n=0; while [ $i -lt {ticks} ]; do "
         '[ -e "$D/exit_code" ] && { echo ended; exit 0; }; '
-        'f=$(grep -lzxF "UGRO_JOB_ID=$J" /proc/[0-9]*/environ 2>/dev/null); '
-        '[ -z "$f" ] || f=$(grep -lzxF "UGRO_NODE=$N" $f 2>/dev/null); '
+        "f=$(tagged_files); "
         "n=0; [ -z \"$f\" ] || n=$(grep -lz '^LOCAL_RANK=' $f 2>/dev/null | wc -l); "
         f'[ "$n" -ge {int(want)} ] && {{ echo "$n"; exit 0; }}; '
         'if [ -z "$P" ]; then P=$(cat "$D/pgid" 2>/dev/null); '
