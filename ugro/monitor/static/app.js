@@ -22,12 +22,13 @@ function table(headers, rows) {
 }
 
 const num = (v, d = 1) => (v === null || v === undefined) ? "-" : Number(v).toFixed(d);
-const ago = s => (s === null || s === undefined) ? "-" : s < 90 ? `${num(s, 0)}s ago`
-  : s < 5400 ? `${num(s / 60, 0)}m ago` : `${num(s / 3600, 1)}h ago`;
+// A duration as people read it: s, m (`m` decimals), h.
+const span = (s, m = 1) => (s === null || s === undefined) ? "-" : s < 90 ? `${num(s, 0)}s`
+  : s < 5400 ? `${num(s / 60, m)}m` : `${num(s / 3600, 1)}h`;
+const ago = s => (s === null || s === undefined) ? "-" : `${span(s, 0)} ago`;
 const when = ts => ts ? new Date(ts * 1000).toLocaleString() : "-";
 const gib = kib => kib ? `${num(kib / 1048576, 1)} GiB` : "-";
 // A compared value as people read it: durations in h/m/s, other floats to 4 significant digits.
-const span = s => s < 90 ? `${num(s, 0)}s` : s < 5400 ? `${num(s / 60, 1)}m` : `${num(s / 3600, 1)}h`;
 const cell = (key, v) => v === null || v === undefined ? "-"
   : typeof v !== "number" ? v
   : key.endsWith("_s") ? span(v) : Number.isInteger(v) ? v : Number(v.toPrecision(4));
@@ -114,7 +115,7 @@ async function jobsPage() {
          j.stalled ? el("span", { class: "stalled" }, ` STALLED (quiet ${ago(j.quiet_s)})`) : ""),
       table(["step", "epoch", "loss", "samples/s", "elapsed", "last log line per node"],
             [[j.step, j.epochs ? `${num(j.epoch, 2)} / ${j.epochs}` : num(j.epoch, 2),
-              num(j.loss, 4), num(j.samples_per_sec, 1), ago(j.elapsed_s).replace(" ago", ""),
+              num(j.loss, 4), num(j.samples_per_sec, 1), span(j.elapsed_s, 0),
               Object.entries(j.log_age_s || {}).map(([n, s]) => `${n}: ${ago(s)}`).join(", ")]]),
       box);
     chart(box, box.id, j.curve.step, [{ label: "loss", values: j.curve.loss }],
