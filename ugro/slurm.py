@@ -27,8 +27,7 @@ import re
 from dataclasses import dataclass, field
 
 from .commands import MARKER_PRINTF, MARKER_SPAN, join, q, rpath
-from .config import SLURM_NAME_RE as NAME_RE
-from .config import SLURM_TIME_RE as TIME_RE
+from .config import SLURM_NAME_RE, SLURM_TIME_RE
 from .errors import UgroError
 from .fields import ENV_KEY_RE
 from .slurm_parse import STATUS
@@ -49,7 +48,12 @@ def _node_addr(var: str) -> str:
 
 @dataclass(frozen=True)
 class BatchJob:
-    """Everything the batch script needs; checked on creation."""
+    """Everything the batch script needs; checked on creation.
+
+    The cluster file's values were checked when it was read (`config`, with the same
+    patterns); they are checked again here, where they become `#SBATCH` lines and shell
+    text, so a BatchJob built any other way cannot inject either.
+    """
 
     job_id: str
     job_dir: str  # absolute, on the filesystem every node shares
@@ -70,7 +74,7 @@ class BatchJob:
         def bad(what: str, value) -> UgroError:
             return UgroError(f"slurm job {self.job_id!r}: {what}: {value!r}")
 
-        if not isinstance(self.job_id, str) or not NAME_RE.match(self.job_id):
+        if not isinstance(self.job_id, str) or not SLURM_NAME_RE.match(self.job_id):
             raise bad("job id: use letters, digits, '.', '_', '+' or '-'", self.job_id)
         for name in ("nodes", "nproc_per_node"):
             value = getattr(self, name)
@@ -80,9 +84,9 @@ class BatchJob:
             raise bad("gpus_per_node: not a count", self.gpus_per_node)
         for name in ("partition", "account", "qos"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not NAME_RE.match(value)):
+            if value is not None and (not isinstance(value, str) or not SLURM_NAME_RE.match(value)):
                 raise bad(f"{name}: not a Slurm name", value)
-        if self.time_limit is not None and not TIME_RE.match(str(self.time_limit)):
+        if self.time_limit is not None and not SLURM_TIME_RE.match(str(self.time_limit)):
             raise bad("time_limit: not a Slurm time (minutes, H:M:S, D-H:M:S)", self.time_limit)
         if not isinstance(self.job_dir, str) or not self.job_dir.startswith("/"):
             raise bad("job_dir: not an absolute path", self.job_dir)
@@ -291,7 +295,7 @@ def show_job(slurm_id: str) -> str:
 
 
 def sinfo(partition: str | None = None) -> str:
-    if partition is not None and not NAME_RE.match(partition):
+    if partition is not None and not SLURM_NAME_RE.match(partition):
         raise UgroError(f"not a Slurm partition name: {partition!r}")
     part = f" -p {q(partition)}" if partition else ""
     return f"sinfo -h -N{part} -o {q(SINFO_FORMAT)}"

@@ -216,4 +216,3 @@ def pdsh_torchrun(bench: Bench, cluster: Cluster, tag: str, mode: str | None = N
                     for p in nodes)
     command = f"set -- $SSH_CONNECTION; case $3 in {cases}esac"
     return bench.pdsh([p.node.name for p in nodes], command)
-
