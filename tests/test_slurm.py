@@ -288,3 +288,14 @@ def test_parse_sinfo():
 def test_parse_sinfo_garbage(text, message):
     with pytest.raises(UgroError, match=message):
         slurm_parse.parse_sinfo(text)
+
+
+def test_parse_exit_codes():
+    assert slurm_parse.parse_exit_codes("n1 0\nn2 137\n\nn3 \n") == {"n1": "0", "n2": "137"}
+
+
+def test_parse_probe_output_by_node():
+    out = ("0: UGRO_NODE n1\n1: UGRO_NODE n2\n0: UGRO_PROBE {\"a\": 1}\n"
+           "1: UGRO_PROBE {\"b\": 2}\n1: second line\n2: no node line\n")
+    assert slurm_parse.parse_probe_output(out) == {
+        "n1": 'UGRO_PROBE {"a": 1}', "n2": 'UGRO_PROBE {"b": 2}\nsecond line'}

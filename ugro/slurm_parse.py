@@ -198,3 +198,20 @@ def parse_sinfo(text: str) -> list[SlurmNode]:
         nodes.append(SlurmNode(name, part.rstrip("*"), state, int(cpus), int(mem),
                                _none(gres), _none(reason)))
     return nodes
+
+
+def parse_exit_codes(text: str) -> dict[str, str]:
+    """`node_exit_codes()` output: node -> the exit code it wrote."""
+    return {node: code.strip() for node, _, code in
+            (line.partition(" ") for line in text.splitlines()) if code.strip()}
+
+
+def parse_probe_output(text: str) -> dict[str, str]:
+    """`probe()` output (`srun -l`: each line `<task>: <text>`, each task's first line
+    `UGRO_NODE <node>`): node -> the probe's own lines."""
+    tasks: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        task, _, rest = line.partition(": ")
+        tasks.setdefault(task.strip(), []).append(rest)
+    return {lines[0].split()[1]: "\n".join(lines[1:]) for lines in tasks.values()
+            if lines and lines[0].startswith("UGRO_NODE ")}

@@ -133,12 +133,12 @@ class SlurmBackend(OverSession):
         try:
             sid = self.slurm_id(job_id)
             job = self.allocation(sid) if sid else None
-            codes = dict(line.split(None, 1) for line in self._run(
-                slurm.node_exit_codes(self.job_dir(job_id))).splitlines() if " " in line)
+            codes = slurm_parse.parse_exit_codes(
+                self._run(slurm.node_exit_codes(self.job_dir(job_id))))
         except UgroError as exc:
             return {n.name: NodeState(error=str(exc)) for n in nodes}
         alive = job is not None and not job.status.is_terminal()
-        return {n.name: NodeState(exit_code=codes.get(n.name, "").strip() or None,
+        return {n.name: NodeState(exit_code=codes.get(n.name),
                                   alive=alive and n.name not in codes) for n in nodes}
 
     def await_ranks(self, node: Node, job_id: str, want: int,
@@ -184,14 +184,6 @@ class SlurmBackend(OverSession):
     def probe(self, nodes: list[str], source: str, deep: bool,
               timeout: float) -> dict[str, str]:
         """Each node's probe output from one short srun; node -> its lines."""
-        out = self._run(slurm.probe(self.settings.python.argv(), nodes, self.settings.partition,
-                                    source, deep), timeout=timeout)
-        tasks: dict[str, list[str]] = {}
-        for line in out.splitlines():
-            task, _, text = line.partition(": ")
-            tasks.setdefault(task.strip(), []).append(text)
-        by_node = {}
-        for lines in tasks.values():
-            if lines and lines[0].startswith("UGRO_NODE "):
-                by_node[lines[0].split()[1]] = "\n".join(lines[1:])
-        return by_node
+        return slurm_parse.parse_probe_output(self._run(slurm.probe(
+            self.settings.python.argv(), nodes, self.settings.partition, source, deep),
+            timeout=timeout))
