@@ -9,6 +9,7 @@ from conftest import begun
 from ugro import schedule
 from ugro.config import parse_cluster
 from ugro.jobs import Jobs
+from ugro.logs import NodeLog
 from ugro.state import JobStatus, in_queue, watched
 from ugro.supervise import Supervisor, started
 
@@ -69,6 +70,36 @@ def test_the_first_of_two_failures_keeps_the_blame(tmp_path):
     end(sup, killer, "c", "2")
     end(sup, killer, "a", "1")
     assert sup.failure.node == "c"
+
+
+def sink(tmp_path, node: str, rank: int, *lines: str) -> NodeLog:
+    """A node's log as the supervisor keeps it: a rank's lines, then torchrun's summary."""
+    log = NodeLog(tmp_path / f"{node}.log", node)
+    log.write("".join(f"[rank{rank}]:{line}\n" for line in lines))
+    log.write(f"  rank      : {rank} (local_rank: 0)\n  exitcode  : 1 (pid: 9)\n")
+    log.close()
+    return log
+
+
+def test_a_rank_that_lost_its_peers_gives_the_blame_to_the_one_that_crashed(tmp_path):
+    # gloo's message as torch 2.13 prints it on the ranks that survive a crashed one.
+    lost = ("RuntimeError: [gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+            "[127.0.0.2]:4105 This is typically caused by a remote worker crashing.")
+    sup, killer = supervisor(tmp_path)
+    sup._ended(sup.cluster.node("c"), "1", sink(tmp_path, "c", 2, "Traceback:", lost), None,
+               killer)
+    assert sup.failure.node == "c"
+    sup._ended(sup.cluster.node("b"), "1",
+               sink(tmp_path, "b", 1, "crash-at-step: rank 1 exits with status 3"), None, killer)
+    assert (sup.failure.node, sup.failure.rank) == ("b", 1)
+    assert killer.stopped == [["a", "b"]]  # stopped once, by the first failure read
+    # The other way round, the rank that crashed keeps the blame.
+    sup, killer = supervisor(tmp_path / "2")
+    sup._ended(sup.cluster.node("b"), "1", sink(tmp_path / "2", "b", 1, "ValueError: x"),
+               None, killer)
+    sup._ended(sup.cluster.node("c"), "1", sink(tmp_path / "2", "c", 2, lost), None, killer)
+    assert (sup.failure.node, sup.failure.rank) == ("b", 1)
+    assert sup.failure.summary == "b rank 1 failed first (exit code 1): ValueError: x"
 
 
 def test_a_node_where_the_job_never_started_is_named_as_such(tmp_path):

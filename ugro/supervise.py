@@ -37,7 +37,7 @@ from .backends import Backend, backend_for
 from .config import Cluster, Node, load_cluster
 from .errors import UgroError
 from .jobs import Jobs, now, validate_name
-from .logs import NodeLog, first_error
+from .logs import NodeLog, first_error, lost_a_peer
 from .plan import STALL_AFTER
 from .state import Failure, JobStatus, NodeStatus, exit_code_int, is_active
 
@@ -56,6 +56,7 @@ class Supervisor:
         meta = jobs.metadata(job_id)
         self.nodes = [cluster.node(n) for n in meta["nodes"]]
         self.failure: Failure | None = None
+        self.failure_followed = False  # the failure looks like the consequence of another
         self.lock = threading.Lock()
         self.changed = threading.Event()
         self.codes: dict[str, str] = {}  # node -> exit code, `lost`, `hung` or `killed`
@@ -265,19 +266,19 @@ class Supervisor:
 
     def _failed(self, killer: Backend | None, node: Node, code: str, sink: NodeLog | None,
                 why: str | None):
+        rank = sink.failed_rank if sink else None
+        tail = sink.tail() if sink else []
         with self.lock:
-            # A node killed by a signal was most likely stopped because another failed
-            # (Slurm's --kill-on-bad-exit, or our own stop): a node that failed by itself
-            # takes the blame from it, whichever of the two was read first.
-            if self.failure is not None and (self.codes[self.failure.node] not in KILLED
-                                             or code in KILLED):
+            # A node killed by a signal (Slurm's --kill-on-bad-exit, or our own stop), or one
+            # whose rank lost its peers, most likely failed because another did: a node that
+            # failed by itself takes the blame from it, whichever of the two was read first.
+            if self.failure is not None and (not self.failure_followed
+                                             or self._follows(node, code, rank, tail)):
                 return
             replacing = self.failure is not None
             if self.stop_reason or self._cancel_requested():
                 return
-            rank = sink.failed_rank if sink else None
             where = f"{node.name} rank {rank}" if rank is not None else node.name
-            tail = sink.tail() if sink else []
             cause = first_error(tail)
             self.failure = Failure(
                 node=node.name, rank=rank, exit_code=exit_code_int(code), at=now(),
@@ -286,6 +287,7 @@ class Supervisor:
                                 + (f": {cause}" if cause else "")),
                 log_tail=tail,
             )
+            self.failure_followed = self._follows(node, code, rank, tail)
         others = [n for n in self.nodes if n is not node and n.name not in self.codes]
         if not others or replacing or self.schedules:  # the scheduler stops the others itself
             return
@@ -294,6 +296,11 @@ class Supervisor:
             return
         with closing(backend_for(self.cluster)) as backend:  # from a node's own thread
             backend.stop(others, self.job_id, self.grace)
+
+    @staticmethod
+    def _follows(node: Node, code: str, rank: int | None, tail: list[str]) -> bool:
+        """Whether a node's failure looks like the consequence of another's."""
+        return code in KILLED or lost_a_peer(tail, node.name, rank)
 
     def _cancel_requested(self) -> bool:
         try:
