@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
 
-from conftest import begun
+import pytest
+from conftest import begun, wait_for
 
-from ugro import schedule
+from ugro import schedule, supervise
 from ugro.config import parse_cluster
 from ugro.jobs import Jobs
 from ugro.logs import NodeLog
@@ -31,6 +33,12 @@ class Killer:
     def stop(self, nodes, job_id, grace):
         self.stopped.append([n.name for n in nodes])
         return dict.fromkeys((n.name for n in nodes), "stopped")
+
+
+@pytest.fixture(autouse=True)
+def short_cause_wait(monkeypatch):
+    """A failure that follows another's waits a moment for the cause; here, a short one."""
+    monkeypatch.setattr(supervise, "CAUSE_WAIT", 0.2)
 
 
 def supervisor(tmp_path, schedules=False) -> tuple[Supervisor, Killer]:
@@ -62,7 +70,7 @@ def test_a_killed_node_never_takes_the_blame(tmp_path):
     end(sup, killer, "a", "143")
     end(sup, killer, "c", "killed")
     assert sup.failure.node == "b"
-    assert killer.stopped == [["a", "c"]]
+    assert killer.stopped == [["c"], ["a"]]  # the rendezvous host (a) last
 
 
 def test_the_first_of_two_failures_keeps_the_blame(tmp_path):
@@ -81,18 +89,24 @@ def sink(tmp_path, node: str, rank: int, *lines: str) -> NodeLog:
     return log
 
 
-def test_a_rank_that_lost_its_peers_gives_the_blame_to_the_one_that_crashed(tmp_path):
+def test_a_rank_that_lost_its_peers_gives_the_blame_to_the_one_that_crashed(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setattr(supervise, "CAUSE_WAIT", 30.0)  # ends when the cause reports
     # gloo's message as torch 2.13 prints it on the ranks that survive a crashed one.
     lost = ("RuntimeError: [gloo/transport/tcp/pair.cc:534] Connection closed by peer "
             "[127.0.0.2]:4105 This is typically caused by a remote worker crashing.")
     sup, killer = supervisor(tmp_path)
-    sup._ended(sup.cluster.node("c"), "1", sink(tmp_path, "c", 2, "Traceback:", lost), None,
-               killer)
+    # c is read first; while it waits for the cause, b reports its crash and takes the blame.
+    first = threading.Thread(target=sup._ended, args=(
+        sup.cluster.node("c"), "1", sink(tmp_path, "c", 2, "Traceback:", lost), None, killer))
+    first.start()
+    wait_for(lambda: sup.failure is not None, 10)
     assert sup.failure.node == "c"
     sup._ended(sup.cluster.node("b"), "1",
                sink(tmp_path, "b", 1, "crash-at-step: rank 1 exits with status 3"), None, killer)
+    first.join()
     assert (sup.failure.node, sup.failure.rank) == ("b", 1)
-    assert killer.stopped == [["a", "b"]]  # stopped once, by the first failure read
+    assert killer.stopped == [["a"]]  # once, and only what still ran
     # The other way round, the rank that crashed keeps the blame.
     sup, killer = supervisor(tmp_path / "2")
     sup._ended(sup.cluster.node("b"), "1", sink(tmp_path / "2", "b", 1, "ValueError: x"),

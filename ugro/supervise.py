@@ -44,6 +44,7 @@ from .state import Failure, JobStatus, NodeStatus, exit_code_int, is_active
 RECORD_RETRY = 30.0  # seconds to keep retrying a record the control node cannot write
 LOST_RETRY = 600.0  # seconds to keep trying to stop a lost node's processes once it is back
 KILLED = ("143", "137", "killed")  # SIGTERM, SIGKILL as exit codes; a group gone without one
+CAUSE_WAIT = 2.0  # seconds a failure that followed another's waits for the cause to report
 
 
 class Supervisor:
@@ -197,7 +198,9 @@ class Supervisor:
             for node in () if self.schedules else self.nodes:
                 if node.name in self.codes:
                     continue
-                silent = t - self.heard[node.name]
+                # Output on its stream is an answer too (the first asking may be slow).
+                sink = self.sinks.get(node.name)
+                silent = t - max(self.heard[node.name], sink.last_data if sink else 0.0)
                 frozen = t - self.frozen_since.get(node.name, t)
                 if silent > limit:
                     self._ended(node, "lost", None,
@@ -242,7 +245,7 @@ class Supervisor:
                                 f"(--stall-after {self.stall_after:g}s, --on-stall cancel); "
                                 "stopped on every node")
             others = [n for n in self.nodes if n.name not in self.codes]
-        killer.stop(others, self.job_id, self.grace)
+        self._stop_host_last(killer, others)
 
     def _note(self, write) -> bool:
         """A record change that may fail (a full disk, a damaged record) without ending the
@@ -288,14 +291,35 @@ class Supervisor:
                 log_tail=tail,
             )
             self.failure_followed = self._follows(node, code, rank, tail)
+        if replacing or self.schedules:  # the scheduler stops the others itself
+            return
+        self._await_cause()
         others = [n for n in self.nodes if n is not node and n.name not in self.codes]
-        if not others or replacing or self.schedules:  # the scheduler stops the others itself
+        if not others:
             return
         if killer is not None:
-            killer.stop(others, self.job_id, self.grace)
+            self._stop_host_last(killer, others)
             return
         with closing(backend_for(self.cluster)) as backend:  # from a node's own thread
-            backend.stop(others, self.job_id, self.grace)
+            self._stop_host_last(backend, others)
+
+    def _await_cause(self) -> None:
+        """While the failure looks like a consequence, give the node that failed by itself a
+        moment to report (and take the blame): stopping it now would cut its report short."""
+        deadline = time.monotonic() + CAUSE_WAIT
+        while (self.failure_followed and len(self.codes) < len(self.nodes)
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+
+    def _stop_host_last(self, backend: Backend, nodes: list[Node]) -> None:
+        """Stop `nodes`, the rendezvous host last: the store beside its torchrun must outlive
+        the other nodes' agents, or their shutdown ends in rendezvous errors in the logs."""
+        host = self.nodes[0]
+        rest = [n for n in nodes if n is not host]
+        if rest:
+            backend.stop(rest, self.job_id, self.grace)
+        if host in nodes:
+            backend.stop([host], self.job_id, self.grace)
 
     @staticmethod
     def _follows(node: Node, code: str, rank: int | None, tail: list[str]) -> bool:
