@@ -144,7 +144,7 @@ def test_a_silent_node_is_lost_fast_and_stopped_when_it_is_back(inv, cluster, la
             assert "lab1: 127.0.0.3" in r.stdout and "did not answer" in r.stdout
         print(f"\nnode silent -> FAILED (lost contact) in {detect:.1f}s with lost_after "
               f"{LOST_AFTER:g}s")
-        assert detect < LOST_AFTER + 8
+        assert detect < LOST_AFTER + 20  # the final record: stops, outputs, one write
         wait_for(lambda: tagged_pids(job_id) == [], 60)
         meta = wait_for(lambda: (m := meta_of(inv.data, job_id))["nodes"]["lab1"]["status"]
                         == "failed" and m, 30)
@@ -244,12 +244,12 @@ def test_killed_launcher_and_supervisor(inv, cluster, tmp_path):
     inv("status", cluster=cluster, timeout=120)
     meta = meta_of(inv.data, job2)
     assert meta["status"] == "COMPLETED"
-    exit_file = (Path(cluster_node_project(cluster, "lab0")) / "data/experiments" / job2 /
-                 "nodes/lab0/exit_code")
-    # ended_at is when the nodes ended, not when status noticed (a second and more later).
+    last_exit = max((Path(cluster_node_project(cluster, n)) / "data/experiments" / job2 /
+                     f"nodes/{n}/exit_code").stat().st_mtime for n in meta["nodes"])
+    # ended_at is when the last node ended (whole seconds), not when status noticed.
     from datetime import datetime
     ended = datetime.fromisoformat(meta["ended_at"]).timestamp()
-    assert abs(ended - exit_file.stat().st_mtime) < 1.5
+    assert abs(ended - last_exit) < 1.5
 
 
 def cluster_node_project(cluster: Path, name: str) -> str:

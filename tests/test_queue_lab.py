@@ -51,7 +51,9 @@ def assert_one_after_another(metas: list[dict]):
 
 def test_jobs_needing_both_nodes_run_one_after_another_and_priority_overtakes(inv, cluster):
     nodes = ("--nodes", "lab0,lab1")
-    r = inv("launch", "--name", "q1", "--queue", "--detach", *nodes, *SHORT, cluster=cluster,
+    # q1 trains for ~15 s, so every later job is queued behind it, however slow the machine.
+    r = inv("launch", "--name", "q1", "--queue", "--detach", *nodes, *LONG[:4],
+            "--script-args", "--steps-per-epoch 30 --sleep-per-step 0.5", cluster=cluster,
             check=0)
     assert "lab0 1/1 ranks, lab1 1/1 ranks" in r.stdout  # free nodes: it started at once
     for name, extra in (("q2", ()), ("q3", ()), ("urgent", ("--priority", "5"))):
@@ -59,7 +61,7 @@ def test_jobs_needing_both_nodes_run_one_after_another_and_priority_overtakes(in
                 check=0)
         assert "queued at position" in r.stdout, r.stdout
     listed = json.loads(inv("queue", "--json", cluster=cluster, check=0).stdout)
-    if len(listed) == 3:  # q1 still runs (it usually does: it trains for seconds)
+    if len(listed) == 3:  # q1 still runs (it does but on a very slow machine)
         assert [(r["position"], r["name"]) for r in listed] == [
             (1, "urgent"), (2, "q2"), (3, "q3")]
         assert listed[2]["reason"].startswith("nodes busy: lab0 held by q1, lab1 held by q1")
@@ -81,7 +83,9 @@ def test_after_chain_runs_in_order_and_a_failed_predecessor_cancels_its_dependen
     inv("launch", "--name", "second", *one, "--after", "first", *SHORT, cluster=cluster, check=0)
     inv("launch", "--name", "crash", "--nodes", "lab0", "--queue", "--detach",
         "--nproc-per-node", "1",
-        "--script-args", "--steps-per-epoch 10 --crash-at-step 2 --crash-rank 0",
+        # Fails ~4 s into training: after dep1 and dep2 are queued behind it.
+        "--script-args",
+        "--steps-per-epoch 10 --crash-at-step 8 --crash-rank 0 --sleep-per-step 0.5",
         cluster=cluster, check=0)
     inv("launch", "--name", "dep1", *one, "--after", "crash", *SHORT, cluster=cluster, check=0)
     inv("launch", "--name", "dep2", "--nodes", "lab1", "--queue", "--detach", "--after", "dep1",

@@ -69,7 +69,7 @@ def ran(lab, tmp_path_factory):
                              "--script-args", f"{STEPS} --crash-at-step 3 --crash-rank 1",
                              check=1, timeout=240)
     ran.inv("launch", "--name", "good", "--epochs", "1", "--nproc-per-node", "1", "--detach",
-            "--script-args", f"{STEPS} --log-every 2 --sleep-per-step 0.5")
+            "--script-args", f"{STEPS} --log-every 2 --sleep-per-step 1")
     log = ran.data / "experiments" / ran.job("good") / "logs" / "lab0.log"
     deadline = time.monotonic() + 120
     while not (log.exists() and "| step 2 " in log.read_text()):
