@@ -239,13 +239,15 @@ def test_killed_launcher_and_supervisor(inv, cluster, tmp_path):
     # The supervisor SIGKILLed: the job runs on, and status reconciles it from the nodes.
     job2 = launch_detached(inv, cluster, "orphan", "--steps-per-epoch 4")
     os.kill(meta_of(inv.data, job2)["supervisor_pid"], signal.SIGKILL)
-    wait_for(lambda: tagged_pids(job2) == [], 120)
+    exits = [Path(cluster_node_project(cluster, n)) / "data/experiments" / job2 /
+             f"nodes/{n}/exit_code" for n in meta_of(inv.data, job2)["nodes"]]
+    wait_for(lambda: all(e.exists() for e in exits), 120)  # ended; the store lives on
     time.sleep(1.5)
     inv("status", cluster=cluster, timeout=120)
     meta = meta_of(inv.data, job2)
     assert meta["status"] == "COMPLETED"
-    last_exit = max((Path(cluster_node_project(cluster, n)) / "data/experiments" / job2 /
-                     f"nodes/{n}/exit_code").stat().st_mtime for n in meta["nodes"])
+    assert tagged_pids(job2) == []  # the host's rendezvous store stopped with the record
+    last_exit = max(e.stat().st_mtime for e in exits)
     # ended_at is when the last node ended (whole seconds), not when status noticed.
     from datetime import datetime
     ended = datetime.fromisoformat(meta["ended_at"]).timestamp()

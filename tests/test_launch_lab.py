@@ -162,12 +162,16 @@ def test_killed_supervisor_is_reconciled_from_the_nodes(inv, cluster, lab):
         "--steps-per-epoch 4", cluster=cluster, check=0)
     job_id, meta = only_job(inv.data)
     os.kill(meta["supervisor_pid"], signal.SIGKILL)
-    wait_for(lambda: tagged_pids(job_id) == [], 120)  # the job runs on without UGRO
+    # The job runs on without UGRO, to its end on every node (the host's store lives on).
+    exits = [n.project / "data/experiments" / job_id / "nodes" / n.name / "exit_code"
+             for n in lab.nodes]
+    wait_for(lambda: all(e.exists() for e in exits), 120)
     _, meta = only_job(inv.data)
     assert meta["status"] == "RUNNING"  # nobody has looked yet
     meta = reconcile(Jobs(inv.data), load_cluster(cluster), job_id)
     assert meta["status"] == "COMPLETED"
     assert all(v["exit_code"] == 0 for v in meta["nodes"].values())
+    assert tagged_pids(job_id) == []  # the rendezvous store stopped, nothing left
     logs = inv.data / "experiments" / job_id / "logs"
     assert "lab0 r0 | step" in (logs / "lab0.log").read_text()
     assert "lab1 r1 | rank 1/3 up" in (logs / "lab1.log").read_text()

@@ -163,7 +163,7 @@ def test_on_stall_cancel_stops_every_node_and_fails_the_job_as_stalled(tmp_path)
     sup = supervisor(tmp_path, stall_after=3.0, on_stall="cancel")
     killer = FakeKiller()
     sup._check_stall(killer, 5.0)
-    assert killer.stops == [["lab0", "lab1"]]
+    assert killer.stops == [["lab1"], ["lab0"]]  # the rendezvous host last
     assert sup.stop_reason.startswith("stalled: no output or metric for 5s (--stall-after 3s")
     # The stopped ranks exit non-zero: the stall, not a node, is why the job failed.
     for node in sup.nodes:
