@@ -149,6 +149,33 @@ def test_node_log_prefixes_lines_and_reads_the_exit_marker(tmp_path):
     assert sink.exit == "3" and sink.failed_rank == 1
 
 
+def test_node_log_takes_the_failed_rank_from_torchruns_root_cause(tmp_path):
+    # torchrun's summary (torch.distributed.elastic...errors): other failures first.
+    summary = """\
+============================================================
+scripts/train.py FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-12-04_14:51:09
+  host      : vm
+  rank      : 3 (local_rank: 1)
+  exitcode  : 1 (pid: 41)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-04_14:51:08
+  host      : vm
+  rank      : 2 (local_rank: 0)
+  exitcode  : 3 (pid: 40)
+============================================================
+"""
+    sink = NodeLog(tmp_path / "gpu1.log", "gpu1")
+    sink.write(summary)
+    sink.close()
+    assert sink.failed_rank == 2
+
+
 def test_rendezvous_is_on_the_lowest_ranked_chosen_node(homelab):
     cfg = LaunchConfig(name="x", script="s.py", nodes="gpu2")
     (only,) = plan(homelab, cfg, "x_1", 29500)

@@ -11,7 +11,7 @@ from conftest import begun, wait_for
 from ugro import schedule, supervise
 from ugro.config import parse_cluster
 from ugro.jobs import Jobs
-from ugro.logs import NodeLog
+from ugro.logs import NodeLog, lost_a_peer
 from ugro.state import JobStatus, in_queue, watched
 from ugro.supervise import Supervisor, started
 
@@ -114,6 +114,37 @@ def test_a_rank_that_lost_its_peers_gives_the_blame_to_the_one_that_crashed(tmp_
     sup._ended(sup.cluster.node("c"), "1", sink(tmp_path / "2", "c", 2, lost), None, killer)
     assert (sup.failure.node, sup.failure.rank) == ("b", 1)
     assert sup.failure.summary == "b rank 1 failed first (exit code 1): ValueError: x"
+
+
+def test_only_a_ranks_first_error_decides_whether_it_lost_a_peer():
+    lost = "RuntimeError: [pair.cc:534] Connection closed by peer [127.0.0.2]:4105"
+    assert lost_a_peer([f"b r1 | {lost}"], "b", 1)
+    # A warning about a reset connection before its own error: the rank failed by itself.
+    assert not lost_a_peer(["b r1 | hub: Connection reset by peer, retrying",
+                            "b r1 | ValueError: bad shape"], "b", 1)
+    # Another rank's lost peer says nothing about this one.
+    assert not lost_a_peer([f"b r0 | {lost}", "b r1 | ValueError: bad shape"], "b", 1)
+
+
+def test_a_node_that_does_not_answer_a_stop_does_not_hold_up_the_host(tmp_path):
+    sup, _ = supervisor(tmp_path)
+    sup.grace = 0.1
+    release = threading.Event()
+
+    class Hung(Killer):
+        def stop(self, nodes, job_id, grace):
+            super().stop(nodes, job_id, grace)
+            if [n.name for n in nodes] == ["b"]:
+                release.wait(30)  # b's sshd hangs
+            return {}
+
+    killer = Hung()
+    stopper = threading.Thread(target=sup._stop_host_last,
+                               args=(killer, [sup.cluster.node("b"), sup.cluster.node("a")]))
+    stopper.start()
+    wait_for(lambda: killer.stopped == [["b"], ["a"]], 10)  # a, the host, stopped meanwhile
+    release.set()
+    stopper.join()
 
 
 def test_a_node_where_the_job_never_started_is_named_as_such(tmp_path):

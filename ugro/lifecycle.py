@@ -28,7 +28,7 @@ from .config import Cluster, Node
 from .errors import UgroError
 from .jobs import DamagedRecord, Jobs, git_state
 from .plan import LaunchConfig, plan, preflight, ranks_per_node
-from .state import JobStatus, NodeStatus, held_as, holds_nodes, in_queue, is_active
+from .state import JobStatus, NodeStatus, held_as, holds_nodes, in_queue, is_active, is_terminal
 from .supervise import Supervisor, iso
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -292,7 +292,12 @@ def reconcile(jobs: Jobs, cluster: Cluster, job_id: str) -> dict:
     if not all(s.reachable for s in states.values()):
         return meta  # can't tell yet; never guess a final status
     times = [s.ended_at for s in states.values() if s.ended_at]
-    Supervisor(jobs, cluster, job_id, ended_at=iso(max(times)) if times else None).run()
+    # One final record at a time: two commands reconciling at once would both stream the
+    # nodes' logs into the same files.
+    with store.locked(jobs.dir(job_id) / ".reconcile.lock"):
+        if is_terminal(jobs.metadata(job_id)["status"]):
+            return jobs.metadata(job_id)
+        Supervisor(jobs, cluster, job_id, ended_at=iso(max(times)) if times else None).run()
     return jobs.metadata(job_id)
 
 

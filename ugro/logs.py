@@ -30,6 +30,7 @@ from .wording import suggestion
 
 TORCHRUN_RANK = re.compile(r"^\[rank(\d+)\]:")
 FAILED_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+ROOT_CAUSE = "Root Cause (first observed failure)"
 
 
 class NodeLog:
@@ -42,6 +43,7 @@ class NodeLog:
         self.blank = 0  # blank lines held back: the last one may be the marker's own
         self.exit: str | None = None
         self.failed_rank: int | None = None
+        self.root_cause_next = False  # the next `rank :` line is torchrun's root cause
         self.lock = threading.Lock()
         self.lost_lines = 0  # lines the file could not take (a full disk): the gap
         self.write_error: str | None = None
@@ -103,10 +105,14 @@ class NodeLog:
             # torchrun's tee reads a rank's file mid-line at times and prefixes
             # the rest of the line again: "step 1[rank0]:0 ..." is "step 10 ...".
             text = text.replace(m.group(0), "")
-        if self.failed_rank is None:
-            fm = FAILED_RANK.match(text)
-            if fm:
-                self.failed_rank = int(fm.group(1))
+        # torchrun's summary lists the other failures first, then the root cause: the rank
+        # after "Root Cause" is the one that failed first (the first one, without that line).
+        if ROOT_CAUSE in text:
+            self.root_cause_next = True
+        fm = FAILED_RANK.match(text)
+        if fm and (self.failed_rank is None or self.root_cause_next):
+            self.failed_rank = int(fm.group(1))
+            self.root_cause_next = False
         out.append(f"{prefix} | {text.rstrip(chr(13))}\n")
 
     def _blanks(self, out: list[str]) -> None:
@@ -154,10 +160,10 @@ PEER_LOST_RE = re.compile(r"Connection (?:closed|reset) by peer|remote worker cr
 
 
 def lost_a_peer(lines: Iterable[str], node: str, rank: int | None = None) -> bool:
-    """Whether a failed rank's last lines (every line when its rank is unknown) say it died
-    because another rank did: a consequence of a failure, never its cause."""
-    return any(PEER_LOST_RE.search(x.text)
-               for x in select((parse_line(raw, node) for raw in lines), rank))
+    """Whether a failed rank's first error (the node's, when its rank is unknown) says it
+    died because another rank did: a consequence of a failure, never its cause."""
+    error = first_error(x.raw for x in select((parse_line(raw, node) for raw in lines), rank))
+    return bool(error and PEER_LOST_RE.search(error))
 
 
 LINE_RE = re.compile(r"^(?P<node>\S+) +(?:r(?P<rank>\d+) +)?\| ?(?P<text>.*)$")

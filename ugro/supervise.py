@@ -270,13 +270,14 @@ class Supervisor:
     def _failed(self, killer: Backend | None, node: Node, code: str, sink: NodeLog | None,
                 why: str | None):
         rank = sink.failed_rank if sink else None
-        tail = sink.tail() if sink else []
+        lines = sink.tail(200) if sink else []  # the rank's own error precedes the summary
+        tail = lines[-50:]
         with self.lock:
             # A node killed by a signal (Slurm's --kill-on-bad-exit, or our own stop), or one
             # whose rank lost its peers, most likely failed because another did: a node that
             # failed by itself takes the blame from it, whichever of the two was read first.
             if self.failure is not None and (not self.failure_followed
-                                             or self._follows(node, code, rank, tail)):
+                                             or self._follows(node, code, rank, lines)):
                 return
             replacing = self.failure is not None
             if self.stop_reason or self._cancel_requested():
@@ -290,7 +291,7 @@ class Supervisor:
                                 + (f": {cause}" if cause else "")),
                 log_tail=tail,
             )
-            self.failure_followed = self._follows(node, code, rank, tail)
+            self.failure_followed = self._follows(node, code, rank, lines)
         if replacing or self.schedules:  # the scheduler stops the others itself
             return
         self._await_cause()
@@ -316,10 +317,16 @@ class Supervisor:
         the other nodes' agents, or their shutdown ends in rendezvous errors in the logs."""
         host = self.nodes[0]
         rest = [n for n in nodes if n is not host]
-        if rest:
-            backend.stop(rest, self.job_id, self.grace)
-        if host in nodes:
-            backend.stop([host], self.job_id, self.grace)
+        if host not in nodes or not rest:
+            backend.stop(nodes, self.job_id, self.grace)
+            return
+        others = threading.Thread(target=backend.stop, args=(rest, self.job_id, self.grace),
+                                  daemon=True)
+        others.start()
+        # Their agents end within the grace; a node that does not answer holds nothing up.
+        others.join(self.grace + 2)
+        backend.stop([host], self.job_id, self.grace)
+        others.join()
 
     @staticmethod
     def _follows(node: Node, code: str, rank: int | None, tail: list[str]) -> bool:
