@@ -167,13 +167,14 @@ def test_stopped_rank_processes_fail_the_job(inv, cluster):
         assert meta["status"] == "FAILED"
         assert meta["error"].startswith("lab1: the job's processes are stopped (SIGSTOP)")
         print(f"\nrank processes SIGSTOPped -> FAILED in {detect:.1f}s")
+        # The stopped processes are killed too: nothing is left holding the node.
+        wait_for(lambda: tagged_pids(job_id) == [], 30)
     finally:
         for p in mine:
             try:
                 os.kill(p, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-    wait_for(lambda: tagged_pids(job_id) == [], 30)
 
 
 def test_a_killed_node_is_lost_contact_not_an_unknown_exit(inv, cluster, lab):

@@ -104,9 +104,11 @@ class Supervisor:
                     threading.Thread(target=self._ask, args=(node,), daemon=True).start()
             self._wait(killer)
             reachable = [n for n in self.nodes if self.codes[n.name] != "lost"]
-            if not self.schedules and reachable[:1] == self.nodes[:1]:
-                # Every node has ended: the rendezvous store beside the host's torchrun can go.
-                killer.stop(self.nodes[:1], self.job_id, self.grace)
+            if not self.schedules and reachable:
+                # Every node has ended; what may live on goes now: the rendezvous store beside
+                # the host's torchrun, a hung node's stopped processes, workers whose agent
+                # was killed.
+                self._stop_host_last(killer, reachable)
             self._fetch_outputs(killer, reachable)
             meta = self._retrying(lambda: self._final(killer, reachable))
         lost = [n for n in self.nodes if self.codes[n.name] == "lost"]
