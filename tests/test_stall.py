@@ -168,7 +168,7 @@ def test_on_stall_cancel_stops_every_node_and_fails_the_job_as_stalled(tmp_path)
     # The stopped ranks exit non-zero: the stall, not a node, is why the job failed.
     for node in sup.nodes:
         sup._ended(node, "-15", None, None, killer)
-    assert sup.failure is None
+    assert sup.blame.failure is None
     meta = sup._final(killer, sup.nodes)
     assert meta["status"] == "FAILED" and meta["error"] == sup.stop_reason
     assert meta["error"].startswith("stalled")

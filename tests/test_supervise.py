@@ -8,10 +8,11 @@ import threading
 import pytest
 from conftest import begun, wait_for
 
-from ugro import schedule, supervise
+from ugro import blame, schedule
+from ugro.blame import lost_a_peer
 from ugro.config import parse_cluster
 from ugro.jobs import Jobs
-from ugro.logs import NodeLog, lost_a_peer
+from ugro.logs import NodeLog
 from ugro.state import JobStatus, in_queue, watched
 from ugro.supervise import Supervisor, started
 
@@ -38,7 +39,7 @@ class Killer:
 @pytest.fixture(autouse=True)
 def short_cause_wait(monkeypatch):
     """A failure that follows another's waits a moment for the cause; here, a short one."""
-    monkeypatch.setattr(supervise, "CAUSE_WAIT", 0.2)
+    monkeypatch.setattr(blame, "CAUSE_WAIT", 0.2)
 
 
 def supervisor(tmp_path, schedules=False) -> tuple[Supervisor, Killer]:
@@ -60,7 +61,7 @@ def test_a_node_that_failed_by_itself_takes_the_blame_from_a_killed_one(tmp_path
         sup, killer = supervisor(tmp_path / killed)
         end(sup, killer, "a", killed)
         end(sup, killer, "b", "1")
-        assert (sup.failure.node, sup.failure.exit_code) == ("b", 1)
+        assert (sup.blame.failure.node, sup.blame.failure.exit_code) == ("b", 1)
         assert killer.stopped == [["b", "c"]]  # stopped once, by the first failure read
 
 
@@ -69,7 +70,7 @@ def test_a_killed_node_never_takes_the_blame(tmp_path):
     end(sup, killer, "b", "1")
     end(sup, killer, "a", "143")
     end(sup, killer, "c", "killed")
-    assert sup.failure.node == "b"
+    assert sup.blame.failure.node == "b"
     assert killer.stopped == [["c"], ["a"]]  # the rendezvous host (a) last
 
 
@@ -77,7 +78,7 @@ def test_the_first_of_two_failures_keeps_the_blame(tmp_path):
     sup, killer = supervisor(tmp_path)
     end(sup, killer, "c", "2")
     end(sup, killer, "a", "1")
-    assert sup.failure.node == "c"
+    assert sup.blame.failure.node == "c"
 
 
 def sink(tmp_path, node: str, rank: int, *lines: str) -> NodeLog:
@@ -91,7 +92,7 @@ def sink(tmp_path, node: str, rank: int, *lines: str) -> NodeLog:
 
 def test_a_rank_that_lost_its_peers_gives_the_blame_to_the_one_that_crashed(tmp_path,
                                                                              monkeypatch):
-    monkeypatch.setattr(supervise, "CAUSE_WAIT", 30.0)  # ends when the cause reports
+    monkeypatch.setattr(blame, "CAUSE_WAIT", 30.0)  # ends when the cause reports
     # gloo's message as torch 2.13 prints it on the ranks that survive a crashed one.
     lost = ("RuntimeError: [gloo/transport/tcp/pair.cc:534] Connection closed by peer "
             "[127.0.0.2]:4105 This is typically caused by a remote worker crashing.")
@@ -100,20 +101,20 @@ def test_a_rank_that_lost_its_peers_gives_the_blame_to_the_one_that_crashed(tmp_
     first = threading.Thread(target=sup._ended, args=(
         sup.cluster.node("c"), "1", sink(tmp_path, "c", 2, "Traceback:", lost), None, killer))
     first.start()
-    wait_for(lambda: sup.failure is not None, 10)
-    assert sup.failure.node == "c"
+    wait_for(lambda: sup.blame.failure is not None, 10)
+    assert sup.blame.failure.node == "c"
     sup._ended(sup.cluster.node("b"), "1",
                sink(tmp_path, "b", 1, "crash-at-step: rank 1 exits with status 3"), None, killer)
     first.join()
-    assert (sup.failure.node, sup.failure.rank) == ("b", 1)
+    assert (sup.blame.failure.node, sup.blame.failure.rank) == ("b", 1)
     assert killer.stopped == [["a"]]  # once, and only what still ran
     # The other way round, the rank that crashed keeps the blame.
     sup, killer = supervisor(tmp_path / "2")
     sup._ended(sup.cluster.node("b"), "1", sink(tmp_path / "2", "b", 1, "ValueError: x"),
                None, killer)
     sup._ended(sup.cluster.node("c"), "1", sink(tmp_path / "2", "c", 2, lost), None, killer)
-    assert (sup.failure.node, sup.failure.rank) == ("b", 1)
-    assert sup.failure.summary == "b rank 1 failed first (exit code 1): ValueError: x"
+    assert (sup.blame.failure.node, sup.blame.failure.rank) == ("b", 1)
+    assert sup.blame.failure.summary == "b rank 1 failed first (exit code 1): ValueError: x"
 
 
 def test_only_a_ranks_first_error_decides_whether_it_lost_a_peer():
@@ -151,7 +152,7 @@ def test_a_node_where_the_job_never_started_is_named_as_such(tmp_path):
     sup, killer = supervisor(tmp_path)
     end(sup, killer, "a", "0")
     end(sup, killer, "c", "missing")
-    assert sup.failure.summary == "the job never started on c"
+    assert sup.blame.failure.summary == "the job never started on c"
     assert killer.stopped == [["b"]]
 
 
@@ -159,7 +160,7 @@ def test_a_scheduler_run_job_leaves_stopping_the_others_to_the_scheduler(tmp_pat
     sup, killer = supervisor(tmp_path, schedules=True)
     end(sup, killer, "a", "143")
     end(sup, killer, "b", "1")
-    assert sup.failure.node == "b" and killer.stopped == []
+    assert sup.blame.failure.node == "b" and killer.stopped == []
 
 
 def test_a_slurm_job_is_queued_by_slurm_not_by_the_ugro_queue(tmp_path):

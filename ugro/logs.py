@@ -153,19 +153,6 @@ def first_error(lines: Iterable[str]) -> str | None:
     return None
 
 
-# What a rank prints when it dies because another rank did: gloo's peer closing its socket
-# (torch adds "typically caused by a remote worker crashing"), NCCL's remote exit or abort.
-PEER_LOST_RE = re.compile(r"Connection (?:closed|reset) by peer|remote worker crash"
-                          r"|remote process exited|communicator was aborted", re.IGNORECASE)
-
-
-def lost_a_peer(lines: Iterable[str], node: str, rank: int | None = None) -> bool:
-    """Whether a failed rank's first error (the node's, when its rank is unknown) says it
-    died because another rank did: a consequence of a failure, never its cause."""
-    error = first_error(x.raw for x in select((parse_line(raw, node) for raw in lines), rank))
-    return bool(error and PEER_LOST_RE.search(error))
-
-
 LINE_RE = re.compile(r"^(?P<node>\S+) +(?:r(?P<rank>\d+) +)?\| ?(?P<text>.*)$")
 
 

@@ -34,17 +34,16 @@ from pathlib import Path
 
 from . import store
 from .backends import Backend, backend_for
+from .blame import Blame, failure_of
 from .config import Cluster, Node, load_cluster
 from .errors import UgroError
-from .jobs import Jobs, now, validate_name
-from .logs import NodeLog, first_error, lost_a_peer
+from .jobs import Jobs, validate_name
+from .logs import NodeLog
 from .plan import STALL_AFTER
-from .state import Failure, JobStatus, NodeStatus, exit_code_int, is_active
+from .state import JobStatus, NodeStatus, exit_code_int, is_active
 
 RECORD_RETRY = 30.0  # seconds to keep retrying a record the control node cannot write
 LOST_RETRY = 600.0  # seconds to keep trying to stop a lost node's processes once it is back
-KILLED = ("143", "137", "killed")  # SIGTERM, SIGKILL as exit codes; a group gone without one
-CAUSE_WAIT = 2.0  # seconds a failure that followed another's waits for the cause to report
 
 
 class Supervisor:
@@ -56,8 +55,7 @@ class Supervisor:
         self.ended_at = ended_at  # a reconciled job: when its nodes ended, not now
         meta = jobs.metadata(job_id)
         self.nodes = [cluster.node(n) for n in meta["nodes"]]
-        self.failure: Failure | None = None
-        self.failure_followed = False  # the failure looks like the consequence of another
+        self.blame = Blame()  # which node failed first (under `lock`)
         self.lock = threading.Lock()
         self.changed = threading.Event()
         self.codes: dict[str, str] = {}  # node -> exit code, `lost`, `hung` or `killed`
@@ -241,7 +239,7 @@ class Supervisor:
 
     def _stop_stalled(self, killer: Backend, quiet: float) -> None:
         with self.lock:
-            if self.failure is not None:
+            if self.blame.failure is not None:
                 return
             self.stop_reason = (f"stalled: no output or metric for {quiet:.0f}s "
                                 f"(--stall-after {self.stall_after:g}s, --on-stall cancel); "
@@ -271,32 +269,14 @@ class Supervisor:
 
     def _failed(self, killer: Backend | None, node: Node, code: str, sink: NodeLog | None,
                 why: str | None):
-        rank = sink.failed_rank if sink else None
-        lines = sink.tail(200) if sink else []  # the rank's own error precedes the summary
-        tail = lines[-50:]
+        failure, followed = failure_of(node.name, code, sink, why)
         with self.lock:
-            # A node killed by a signal (Slurm's --kill-on-bad-exit, or our own stop), or one
-            # whose rank lost its peers, most likely failed because another did: a node that
-            # failed by itself takes the blame from it, whichever of the two was read first.
-            if self.failure is not None and (not self.failure_followed
-                                             or self._follows(node, code, rank, lines)):
-                return
-            replacing = self.failure is not None
             if self.stop_reason or self._cancel_requested():
                 return
-            where = f"{node.name} rank {rank}" if rank is not None else node.name
-            cause = first_error(tail)
-            self.failure = Failure(
-                node=node.name, rank=rank, exit_code=exit_code_int(code), at=now(),
-                summary=why or (f"the job never started on {node.name}" if code == "missing"
-                                else f"{where} failed first (exit code {code})"
-                                + (f": {cause}" if cause else "")),
-                log_tail=tail,
-            )
-            self.failure_followed = self._follows(node, code, rank, lines)
-        if replacing or self.schedules:  # the scheduler stops the others itself
+            taken = self.blame.offer(failure, followed)
+        if taken != "first" or self.schedules:  # the scheduler stops the others itself
             return
-        self._await_cause()
+        self.blame.await_cause(lambda: len(self.codes) == len(self.nodes))
         others = [n for n in self.nodes if n is not node and n.name not in self.codes]
         if not others:
             return
@@ -305,14 +285,6 @@ class Supervisor:
             return
         with closing(backend_for(self.cluster)) as backend:  # from a node's own thread
             self._stop_host_last(backend, others)
-
-    def _await_cause(self) -> None:
-        """While the failure looks like a consequence, give the node that failed by itself a
-        moment to report (and take the blame): stopping it now would cut its report short."""
-        deadline = time.monotonic() + CAUSE_WAIT
-        while (self.failure_followed and len(self.codes) < len(self.nodes)
-               and time.monotonic() < deadline):
-            time.sleep(0.05)
 
     def _stop_host_last(self, backend: Backend, nodes: list[Node]) -> None:
         """Stop `nodes`, the rendezvous host last: the store beside its torchrun must outlive
@@ -329,11 +301,6 @@ class Supervisor:
         others.join(self.grace + 2)
         backend.stop([host], self.job_id, self.grace)
         others.join()
-
-    @staticmethod
-    def _follows(node: Node, code: str, rank: int | None, tail: list[str]) -> bool:
-        """Whether a node's failure looks like the consequence of another's."""
-        return code in KILLED or lost_a_peer(tail, node.name, rank)
 
     def _cancel_requested(self) -> bool:
         try:
@@ -371,9 +338,10 @@ class Supervisor:
         if self.stop_reason:
             return self.jobs.finish(self.job_id, JobStatus.FAILED, error=self.stop_reason,
                                     nodes=nodes, ended_at=self.ended_at)
-        if self.failure:
-            return self.jobs.finish(self.job_id, JobStatus.FAILED, failure=self.failure,
-                                    error=self.failure.summary, nodes=nodes,
+        failure = self.blame.failure
+        if failure:
+            return self.jobs.finish(self.job_id, JobStatus.FAILED, failure=failure,
+                                    error=failure.summary, nodes=nodes,
                                     ended_at=self.ended_at)
         if all(code == "0" for code in self.codes.values()):
             return self.jobs.finish(self.job_id, JobStatus.COMPLETED, nodes=nodes,
