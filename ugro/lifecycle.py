@@ -295,8 +295,9 @@ def reconcile(jobs: Jobs, cluster: Cluster, job_id: str) -> dict:
     # One final record at a time: two commands reconciling at once would both stream the
     # nodes' logs into the same files.
     with store.locked(jobs.dir(job_id) / ".reconcile.lock"):
-        if is_terminal(jobs.metadata(job_id)["status"]):
-            return jobs.metadata(job_id)
+        meta = jobs.metadata(job_id)
+        if is_terminal(meta["status"]):
+            return meta
         Supervisor(jobs, cluster, job_id, ended_at=iso(max(times)) if times else None).run()
     return jobs.metadata(job_id)
 

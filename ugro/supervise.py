@@ -102,13 +102,14 @@ class Supervisor:
                     threading.Thread(target=self._ask, args=(node,), daemon=True).start()
             self._wait(killer)
             reachable = [n for n in self.nodes if self.codes[n.name] != "lost"]
+            stops = None
             if not self.schedules and reachable:
                 # Every node has ended; what may live on goes now: the rendezvous store beside
                 # the host's torchrun, a hung node's stopped processes, workers whose agent
                 # was killed.
-                self._stop_host_last(killer, reachable)
+                stops = self._stop_host_last(killer, reachable)
             self._fetch_outputs(killer, reachable)
-            meta = self._retrying(lambda: self._final(killer, reachable))
+            meta = self._retrying(lambda: self._final(killer, reachable, stops))
         lost = [n for n in self.nodes if self.codes[n.name] == "lost"]
         if lost and not meta.get("cancel_requested_at"):
             self._stop_when_back(lost)
@@ -286,21 +287,24 @@ class Supervisor:
         with closing(backend_for(self.cluster)) as backend:  # from a node's own thread
             self._stop_host_last(backend, others)
 
-    def _stop_host_last(self, backend: Backend, nodes: list[Node]) -> None:
+    def _stop_host_last(self, backend: Backend, nodes: list[Node]) -> dict[str, str]:
         """Stop `nodes`, the rendezvous host last: the store beside its torchrun must outlive
-        the other nodes' agents, or their shutdown ends in rendezvous errors in the logs."""
+        the other nodes' agents, or their shutdown ends in rendezvous errors in the logs.
+        Each node's answer, as `Backend.stop` gives it."""
         host = self.nodes[0]
         rest = [n for n in nodes if n is not host]
         if host not in nodes or not rest:
-            backend.stop(nodes, self.job_id, self.grace)
-            return
-        others = threading.Thread(target=backend.stop, args=(rest, self.job_id, self.grace),
-                                  daemon=True)
+            return backend.stop(nodes, self.job_id, self.grace)
+        answers: dict[str, str] = {}
+        others = threading.Thread(
+            target=lambda: answers.update(backend.stop(rest, self.job_id, self.grace)),
+            daemon=True)
         others.start()
         # Their agents end within the grace; a node that does not answer holds nothing up.
         others.join(self.grace + 2)
-        backend.stop([host], self.job_id, self.grace)
+        host_answer = backend.stop([host], self.job_id, self.grace)
         others.join()
+        return {**answers, **host_answer}
 
     def _cancel_requested(self) -> bool:
         try:
@@ -311,7 +315,10 @@ class Supervisor:
             JobStatus.CANCELLED, JobStatus.CANCELLING)
 
     # -- the final record ----------------------------------------------------
-    def _final(self, killer: Backend, reachable: list[Node]) -> dict:
+    def _final(self, killer: Backend, reachable: list[Node],
+               stops: dict[str, str] | None = None) -> dict:
+        """The record's last word. `stops`: the reachable nodes' answers to the stop already
+        sent at the end (a cancel needs them; without them it stops the nodes itself)."""
         cancelled = self._cancel_requested()
         nodes = {}
         for node in self.nodes:
@@ -330,8 +337,9 @@ class Supervisor:
         if cancelled:
             # The cancel is over only when every node confirms; a lost one cannot yet.
             self.jobs.note_nodes(self.job_id, nodes)
-            stops = killer.stop(reachable, self.job_id, self.grace) if reachable else {}
-            stops.update({n.name: "lost contact" for n in self.nodes if n not in reachable})
+            if stops is None:
+                stops = killer.stop(reachable, self.job_id, self.grace) if reachable else {}
+            stops = {**stops, **{n.name: "lost contact" for n in self.nodes if n not in reachable}}
             meta = self.jobs.metadata(self.job_id)
             return self.jobs.cancel_outcome(self.job_id, stops,
                                             meta.get("cancel_reason") or "cancelled")
