@@ -338,6 +338,18 @@ def test_await_ranks_counts_this_nodes_workers_and_sees_the_end(local, job_id, r
     assert sh(await_ranks(local, job_id, 3, timeout=10, poll=0.05)).stdout == "ended\n"
 
 
+def test_await_ranks_counts_at_once_when_torchrun_made_its_workers_log_dirs(local, job_id, reap):
+    # Between rescans the count waits for torchrun's `attempt_N/` directories (made just
+    # before it spawns the workers): a rescan every 60 s would time out without them.
+    logs = f"{node_job_dir(local, job_id)}/torchrun/{job_id}_x/attempt_0/0"
+    worker = f"sleep 0.5; mkdir -p {logs}; LOCAL_RANK=0 sleep 30 & wait"
+    start(local, job_id, ["sh", "-c", worker], reap)
+    t0 = time.monotonic()
+    out = sh(await_ranks(local, job_id, 1, timeout=10, poll=0.05, rescan=60))
+    assert out.stdout == "1\n"
+    assert time.monotonic() - t0 < 5
+
+
 def test_await_ranks_of_a_job_that_exited_or_never_started(local, job_id, reap):
     start(local, job_id, ["true"], reap)
     assert sh(await_ranks(local, job_id, 1, timeout=10, poll=0.05)).stdout == "ended\n"

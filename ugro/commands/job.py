@@ -207,7 +207,7 @@ def kill_job(node: Node, job_id: str, grace: float = 3.0) -> str:
 
 
 def await_ranks(node: Node, job_id: str, want: int, timeout: float,
-                poll: float = 0.1, missing_after: float = 10.0) -> str:
+                poll: float = 0.1, missing_after: float = 10.0, rescan: float = 1.0) -> str:
     """Wait on the node until `want` of the job's ranks (torchrun workers) run there; print
     how many run, or `ended` once the node's launch is over (an exit code is written, or
     its process group is gone), or `missing` when it has not started here within
@@ -215,19 +215,26 @@ def await_ranks(node: Node, job_id: str, want: int, timeout: float,
 
     One command that watches locally instead of a question asked over SSH again and again:
     while torchrun's agents import torch, a poll from the control node costs every node an
-    sshd session and a shell many times a second. Prints the count it reached when `timeout`
-    runs out.
+    sshd session and a shell many times a second. Counting ranks reads every process's
+    environment, which contends with the agents' own page faults, so it runs every round only
+    once torchrun has made its workers' log directories (`--log-dir .../torchrun`, which
+    `plan` always passes; it makes them just before it spawns the workers), and otherwise
+    every `rescan` seconds. Prints the count it reached when `timeout` runs out.
     """
     d = node_job_dir(node, job_id)
     ticks = max(1, int(timeout / poll))
+    every = max(1, int(rescan / poll))
     return in_project(
         node,
         f"D={q(d)}; J={q(job_id)}; N={q(node.name)}" + _ALIVE + _TAGGED + "\n"
+        'spawned() { for a in "$D"/torchrun/*/attempt_*/; do [ -d "$a" ] && return 0; done; '
+        "return 1; }; "
         f"i=0; n=0; while [ $i -lt {ticks} ]; do "
         '[ -e "$D/exit_code" ] && { echo ended; exit 0; }; '
+        f"if [ $((i % {every})) -eq 0 ] || spawned; then "
         "f=$(tagged_files); "
         "n=0; [ -z \"$f\" ] || n=$(grep -lz '^LOCAL_RANK=' $f 2>/dev/null | wc -l); "
-        f'[ "$n" -ge {int(want)} ] && {{ echo "$n"; exit 0; }}; '
+        f'[ "$n" -ge {int(want)} ] && {{ echo "$n"; exit 0; }}; fi; '
         'if [ -z "$P" ]; then P=$(cat "$D/pgid" 2>/dev/null); '
         f'  [ -n "$P" ] || [ $i -lt {int(missing_after / poll)} ] || {{ echo missing; exit 0; }}; '
         'elif ! alive; then echo ended; exit 0; fi; '
