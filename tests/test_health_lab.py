@@ -116,3 +116,19 @@ def test_fab_host_task_reaches_node_as_configured(lab, tmp_path):
     assert report["node"] == "lab1"
     assert report["address"] == f"127.0.0.3:{lab.nodes[1].port}"
     assert len(report["gpus"]) == 2
+
+
+
+def test_connections_turn_off_nagle(lab, tmp_path):
+    # An SSH exchange is small messages waiting for each other's answers: with Nagle's
+    # algorithm on, each waited for the 40 ms delayed-ACK timer (the benchmarks time it).
+    import socket
+
+    from ugro.cluster import Session
+    from ugro.config import load_cluster
+
+    cluster = load_cluster(lab.cluster_file(tmp_path / "c.yaml"))
+    with Session(cluster) as session:
+        sock = session.context(cluster.nodes[0]).transport.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert session.run(cluster.nodes[0], "echo ok").stdout == "ok\n"
