@@ -332,6 +332,10 @@ def _streaming_runner(remote: bool):
 
     class Streaming(base):
         read_chunk_size = 65536
+        # How often the runner looks whether the command ended (Invoke's default, 0.01 s,
+        # wakes every stream of a supervisor 100 times a second; the output itself is read
+        # as it comes, whatever this is).
+        input_sleep = 0.1
 
         def _handle_output(self, buffer_, hide, output, reader):
             for data in self.read_proc_output(reader):

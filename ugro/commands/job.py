@@ -129,7 +129,8 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str],
     )
 
 
-def watch_job(node: Node, job_id: str, poll: float = 0.2) -> str:
+def watch_job(node: Node, job_id: str, poll: float = 0.2, idle: float = 0.5,
+              quiet: float = 1.0) -> str:
     """Stream the job's output from the start through its exit marker.
 
     The marker carries the exit code, `killed` when the group died without
@@ -138,21 +139,27 @@ def watch_job(node: Node, job_id: str, poll: float = 0.2) -> str:
     packets, whatever the line rate) and stops only once it has sent the
     marker, so no line is lost however far behind the reader is. When the
     group is gone and its wrapper wrote no marker, the loop appends one.
+
+    Each round costs the node two short processes (the size, the sleep): after `quiet`
+    seconds without output it looks every `idle` seconds instead of every `poll`, until the
+    file grows or the job ends. The first line after a silence comes home at most `idle`
+    seconds late; a job that prints as it goes is read every `poll`.
     """
     d = node_job_dir(node, job_id)
     f = '"$D/output.log"'
+    idle = max(idle, poll)
     return in_project(
         node,
         f"D={q(d)}; "
         f'if [ ! -e "$D/pgid" ]; then printf "{MARKER_PRINTF} missing\\n"; exit 0; fi; '
         f'P=$(cat "$D/pgid"); M=$(printf "{MARKER_PRINTF}")' + _ALIVE + "\n"
-        "off=0; end=0; "
+        "off=0; end=0; q=0; "
         "while :; do "
         # Decide "finished" before measuring: what was written before it is sent below.
         '  [ -e "$D/exit_code" ] || ! alive && end=$((end+1)); '
         f"  size=$(wc -c <{f} 2>/dev/null || echo 0); "
         f'  if [ "$size" -gt "$off" ]; then tail -c +$((off+1)) {f} | head -c $((size-off)); '
-        "    off=$size; fi; "
+        "    off=$size; q=0; else q=$((q+1)); fi; "
         '  if [ $end -gt 0 ]; then '
         # The marker must be among the bytes already sent, not just in the file.
         f"    s0=$((size-{MARKER_SPAN})); [ $s0 -lt 1 ] && s0=1; "
@@ -163,7 +170,8 @@ def watch_job(node: Node, job_id: str, poll: float = 0.2) -> str:
         '      C=$(cat "$D/exit_code" 2>/dev/null) || C=killed; '
         f"      printf '\\n%s %s\\n' \"$M\" \"${{C:-killed}}\" >>{f}; fi; "
         "  fi; "
-        f"  sleep {poll}; "
+        f'  if [ $end -eq 0 ] && [ $q -gt {max(0, int(quiet / poll))} ]; then sleep {idle}; '
+        f"  else sleep {poll}; fi; "
         "done",
     )
 
