@@ -135,7 +135,10 @@ class Bench:
     def pdsh(self, hosts: list[str], command: str) -> tuple[list[str], dict]:
         env = {**os.environ, "PDSH_RCMD_TYPE": "ssh",
                "PDSH_SSH_ARGS_APPEND": f"-F {self.ssh_cfg}"}
-        return ["pdsh", "-R", "ssh", "-w", ",".join(hosts), command], env
+        # pdsh replaces %h, %u and %n in the command (host, user, rank); %% is a plain %.
+        # Unescaped, UGRO's probe (`stat -c '%y %i %n'`) got its cache key mangled there, so
+        # every pdsh run and the `inv health` after it started Python on every node.
+        return ["pdsh", "-R", "ssh", "-w", ",".join(hosts), command.replace("%", "%%")], env
 
     def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, **kwargs)
