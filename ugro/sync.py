@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import TextIO
 
 from . import commands
-from .cluster import fan_out, known_hosts_name
+from .cluster import fan_out
 from .config import Cluster, Node
 from .errors import UgroError
 from .render import human_bytes
+from .transport import known_hosts_name
 
 DEFAULT_PATHS = ("scripts", "config", "pixi.toml", "pixi.lock")
 PIXI_FILES = ("pixi.toml", "pixi.lock")

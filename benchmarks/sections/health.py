@@ -158,8 +158,9 @@ def breakdown(bench: Bench) -> Section:
 @contextlib.contextmanager
 def paramiko_steps(bench: Bench, cpu: dict[str, list[float]]):
     """UGRO's own SSH steps, timed in this process: connect, exec on a new and an open one."""
-    from ugro.cluster import Session, connect
+    from ugro.cluster import Session
     from ugro.config import load_cluster
+    from ugro.transport import connect
 
     cluster = load_cluster(bench.cluster(1, "paramiko"))
     node = cluster.nodes[0]
