@@ -118,7 +118,6 @@ def test_fab_host_task_reaches_node_as_configured(lab, tmp_path):
     assert len(report["gpus"]) == 2
 
 
-
 def test_connections_turn_off_nagle(lab, tmp_path):
     # An SSH exchange is small messages waiting for each other's answers: with Nagle's
     # algorithm on, each waited for the 40 ms delayed-ACK timer (the benchmarks time it).

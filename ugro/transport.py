@@ -110,6 +110,9 @@ def connect(node: Node, cluster: Cluster, timeout: float | None = None) -> Conte
     return cx
 
 
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
 class _PromptSocket(socket.socket):
     """A TCP socket for SSH's small request/answer exchanges: Nagle's algorithm off, and
     (Linux) each received segment acknowledged at once instead of after the delayed-ACK
@@ -122,9 +125,6 @@ class _PromptSocket(socket.socket):
         if _QUICKACK is not None:
             self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # the kernel resets it
         return data
-
-
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 def _tcp(host: str, port: int, timeout: float | None) -> socket.socket:
@@ -203,8 +203,7 @@ def scan_host_key(node: Node, timeout: float):
     import paramiko
 
     quiet_paramiko()
-    sock = socket.create_connection((node.host, node.port), timeout=timeout)
-    transport = paramiko.Transport(sock)
+    transport = paramiko.Transport(_tcp(node.host, node.port, timeout))
     try:
         transport.banner_timeout = timeout
         transport.start_client(timeout=timeout)
