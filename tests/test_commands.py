@@ -305,12 +305,12 @@ def test_start_state_kill(local, job_id, reap):
     d = Path(local.project_path) / node_job_dir(local, job_id)
     assert (d / "output.log").read_text() == "hi\n"
     assert not (d / "exit_code").exists()
-    assert sh(watch_job(local, job_id, poll=0.05)).stdout.endswith(f"\n{EXIT_MARKER} killed\n")
+    assert sh(watch_job(local, job_id, tick=0.05)).stdout.endswith(f"\n{EXIT_MARKER} killed\n")
 
 
 def test_watch_streams_output_and_exit_code(local, job_id, reap):
     pgid = start(local, job_id, ["sh", "-c", "echo out; exit 3"], reap)
-    out = sh(watch_job(local, job_id, poll=0.05))
+    out = sh(watch_job(local, job_id, tick=0.05))
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("out\n")
     assert out.stdout.endswith(f"\n{EXIT_MARKER} 3\n")
@@ -324,6 +324,41 @@ def test_watch_streams_output_and_exit_code(local, job_id, reap):
     metrics.write_text('{"step": 1}\n')
     assert sh(job_state(local, job_id)).stdout.endswith(
         f" metrics={int(metrics.stat().st_mtime)}\n")
+
+
+def follow(command: str, env: dict | None = None) -> tuple[subprocess.Popen, float]:
+    p = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    return p, time.monotonic()
+
+
+def test_watch_sends_each_line_as_it_comes_and_the_state_beside_it(local, job_id, reap):
+    from ugro.backends.ssh import STATE_RE
+
+    pgid = start(local, job_id, ["sh", "-c", "echo first; sleep 2; echo second"], reap)
+    p, t0 = follow(watch_job(local, job_id, every=0.2, tick=0.05))
+    assert p.stdout.readline() == "first\n"
+    assert time.monotonic() - t0 < 1.5  # long before the job ends
+    rest, err = p.communicate(timeout=30)
+    assert rest == f"second\n\n{EXIT_MARKER} 0\n"
+    states = [STATE_RE.fullmatch(line) for line in err.splitlines()]
+    assert states and all(states), err  # stderr carries state lines and nothing else
+    assert {m.group(1) for m in states} == {str(pgid)}
+    assert states[0].group(3) == "1" and len(states) >= 5  # every 0.2 s while it ran
+
+
+def test_watch_with_a_tail_that_cannot_follow_sends_every_byte(local, job_id, reap, tmp_path):
+    # A tail without --pid/-f (busybox): the file's new bytes every tick instead.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "tail").write_text(
+        '#!/bin/sh\ncase "$*" in *--pid*|*-f*) exit 1;; esac\nexec /usr/bin/tail "$@"\n')
+    (fake / "tail").chmod(0o755)
+    start(local, job_id, ["sh", "-c", "seq 1 3000; sleep 0.3; echo last; exit 4"], reap)
+    p, _ = follow(watch_job(local, job_id, tick=0.05),
+                  env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    out, _ = p.communicate(timeout=30)
+    assert out == "".join(f"{i}\n" for i in range(1, 3001)) + f"last\n\n{EXIT_MARKER} 4\n"
 
 
 def test_await_ranks_counts_this_nodes_workers_and_sees_the_end(local, job_id, reap):
@@ -370,7 +405,7 @@ def test_hostile_values_reach_the_job_verbatim(tmp_path, job_id, reap):
     env = {**HOSTILE_ENV, "A": f"$(touch {tmp_path}/pwned)"}
     argv = ["sh", "-c", 'printf "%s|%s|%s|%s\\n" "$A" "$B" "$C" "$1"', "sh", "`touch pwned2`"]
     pgid = start(n, job_id, argv, reap, env)
-    assert sh(watch_job(n, job_id, poll=0.05)).stdout.endswith(f"{EXIT_MARKER} 0\n")
+    assert sh(watch_job(n, job_id, tick=0.05)).stdout.endswith(f"{EXIT_MARKER} 0\n")
     log = (project / node_job_dir(n, job_id) / "output.log").read_text()
     # The job's own output, then the exit marker the wrapper appends last.
     assert log == f"{env['A']}|{env['B']}|{env['C']}|`touch pwned2`\n\n{EXIT_MARKER} 0\n"

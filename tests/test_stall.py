@@ -186,6 +186,24 @@ def test_node_state_metrics_clock_is_parsed_from_the_node():
     assert NodeState().metrics_at is None
 
 
+def test_a_streams_state_lines_are_parsed_and_everything_else_reaches_the_log():
+    from ugro.backends.ssh import _StateLines
+
+    states, log = [], []
+
+    class Log:
+        def write(self, data):
+            log.append(data)
+
+    lines = _StateLines(states.append, Log())
+    for chunk in ("pgid=12 exit= alive=1 ended= st", "opped=1 metrics=17\nsh: oops\n",
+                  "pgid=12 exit=0 alive=0 ended=1767225600 stopped=0 metrics=\n"):
+        lines.write(chunk)
+    assert [(s.pgid, s.alive, s.stopped, s.metrics_at, s.exit_code) for s in states] == [
+        (12, True, 1, 17.0, None), (12, False, 0, None, "0")]
+    assert log == ["sh: oops\n"]
+
+
 # -- what people see --------------------------------------------------------------------------
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 

@@ -103,8 +103,9 @@ class Session:
         if cx is not None and hasattr(cx, "close"):
             threading.Thread(target=cx.close, daemon=True).start()
 
-    def stream(self, node: Node, command: str, out) -> Answer:
-        """Run `command` on `node`, writing its output to `out` as it comes.
+    def stream(self, node: Node, command: str, out, err=None) -> Answer:
+        """Run `command` on `node`, writing its output to `out` as it comes (its stderr to
+        `err`, when given).
 
         Unlike `run`, nothing is kept in memory: a job's log may be gigabytes
         over a day, and Invoke's runner rescans everything it captured after
@@ -118,7 +119,7 @@ class Session:
                 cx.open()
                 runner = _streaming_runner(True)(context=cx, inline_env=cx.inline_ssh_env)
             result = runner.run(command, hide=False, warn=True, in_stream=False,
-                                out_stream=out, err_stream=out)
+                                out_stream=out, err_stream=out if err is None else err)
         except Exception as exc:
             return Answer(node, error=describe_failure(node, exc))
         return Answer(node, exited=result.exited)

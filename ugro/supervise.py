@@ -2,11 +2,12 @@
 
 `inv launch` starts it in its own session, so fail-fast and the final record
 keep working when the user's terminal closes or the launcher is killed. It
-streams every node's output home (one `NodeLog` per node), asks every node
-how its processes are every few seconds, stops the other nodes as soon as one
-fails or falls silent for `cluster.lost_after` seconds, and writes the final
-record. Each node's stream and questions run in threads of their own, so a
-node whose sshd hangs holds up nothing: it is declared lost on time.
+streams every node's output home (one `NodeLog` per node) and, on the same
+stream, how the job's processes there are every few seconds; it stops the other
+nodes as soon as one fails or falls silent for `cluster.lost_after` seconds, and
+writes the final record. One connection per node: a node whose stream drops is
+asked instead, until its processes have ended. Each node's stream runs in a thread
+of its own, so a node whose sshd hangs holds up nothing: it is declared lost on time.
 
 It also notices a job that is alive but silent: no node has sent output and no
 node's metrics.jsonl has changed for the job's `stall_after`. Such a job is
@@ -17,8 +18,7 @@ A job the cluster's scheduler runs (Slurm, `Backend.schedules`) is watched, not
 driven: the supervisor waits while Slurm holds it QUEUED, records the nodes Slurm
 chose, and streams their output from the shared directory. Slurm stops the other
 nodes when one fails (`--kill-on-bad-exit`) and ends the job when a node dies, so
-nothing here stops nodes or declares them lost; their state is asked only when a
-node's stream ends without its exit marker.
+nothing here stops nodes or declares them lost; their output carries no state.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .errors import UgroError
 from .jobs import Jobs, validate_name
 from .logs import NodeLog
 from .plan import STALL_AFTER
-from .state import JobStatus, NodeStatus, exit_code_int, is_active
+from .state import JobStatus, NodeState, NodeStatus, exit_code_int, is_active
 
 RECORD_RETRY = 30.0  # seconds to keep retrying a record the control node cannot write
 LOST_RETRY = 600.0  # seconds to keep trying to stop a lost node's processes once it is back
@@ -98,8 +98,6 @@ class Supervisor:
             for node in self.nodes:
                 threading.Thread(target=self._watch, args=(streams, node, logs_dir),
                                  daemon=True).start()
-                if not self.schedules:
-                    threading.Thread(target=self._ask, args=(node,), daemon=True).start()
             self._wait(killer)
             reachable = [n for n in self.nodes if self.codes[n.name] != "lost"]
             stops = None
@@ -155,7 +153,9 @@ class Supervisor:
         sink = NodeLog(logs_dir / f"{node.name}.log", node.name)
         self.sinks[node.name] = sink
         try:
-            error = streams.stream(node, self.job_id, sink)
+            error = streams.stream(node, self.job_id, sink,
+                                   on_state=lambda state: self._answered(node, state),
+                                   every=self.every)
         finally:
             sink.close()
         if sink.gap:
@@ -164,29 +164,33 @@ class Supervisor:
             # No marker: the connection dropped. `_ask` learns the outcome from the node.
             with self.lock:
                 self.unstreamed.add(node.name)
-            if self.schedules:
-                self._ask(node)  # no asker runs for a scheduler's node until now
+            self._ask(node)
             return
         self._ended(node, sink.exit, sink, error)
 
     def _ask(self, node: Node) -> None:
-        """Ask the node about the job's processes every few seconds; note when it answers."""
+        """Once a node's stream is gone, ask the node about the job's processes every few
+        seconds until they have ended (its stream told us, while it ran)."""
         with closing(backend_for(self.cluster)) as backend:
             while node.name not in self.codes:
-                state = backend.states([node], self.job_id)[node.name]
-                if state.reachable:
-                    self.heard[node.name] = time.monotonic()
-                    if state.stopped and state.alive:
-                        self.frozen_since.setdefault(node.name, time.monotonic())
-                    else:
-                        self.frozen_since.pop(node.name, None)
-                    if state.metrics_at != self.metrics_at.get(node.name):
-                        self.metrics_at[node.name] = state.metrics_at
-                        self.active_at = time.monotonic()
-                    if node.name in self.unstreamed and not state.alive:
-                        self._ended(node, state.exit_code or "killed", None, None)
-                self.changed.set()
+                self._answered(node, backend.states([node], self.job_id)[node.name])
                 time.sleep(self.every)
+
+    def _answered(self, node: Node, state: NodeState) -> None:
+        """What a node said of the job's processes: it is there, frozen or not, its metrics
+        moved or not; its outcome when its stream is gone and they have ended."""
+        if state.reachable:
+            self.heard[node.name] = time.monotonic()
+            if state.stopped and state.alive:
+                self.frozen_since.setdefault(node.name, time.monotonic())
+            else:
+                self.frozen_since.pop(node.name, None)
+            if state.metrics_at != self.metrics_at.get(node.name):
+                self.metrics_at[node.name] = state.metrics_at
+                self.active_at = time.monotonic()
+            if node.name in self.unstreamed and not state.alive:
+                self._ended(node, state.exit_code or "killed", None, None)
+        self.changed.set()
 
     def _wait(self, killer: Backend) -> None:
         """Until every node has an outcome; a silent or frozen node is given one here

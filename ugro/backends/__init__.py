@@ -9,6 +9,7 @@ another implementation of the same calls, not a fork of the launch path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -66,8 +67,14 @@ class Backend(Protocol):
     def start(self, job_id: str, plans: list[NodePlan]) -> dict[str, int | str]:
         """Start every node's plan; node -> its process group id, or why it did not start."""
 
-    def stream(self, node: Node, job_id: str, sink: Sink) -> str | None:
-        """Write the node's output for the job to `sink` until its exit marker; an error or None."""
+    def stream(self, node: Node, job_id: str, sink: Sink,
+               on_state: Callable[[NodeState], None] | None = None,
+               every: float = 2.0) -> str | None:
+        """Write the node's output for the job to `sink` until its exit marker; an error or None.
+
+        A backend whose stream also carries the node's state (SSH) hands it to `on_state`
+        every `every` seconds while the job runs; the others never call it.
+        """
 
     def output(self, nodes: list[Node], job_id: str) -> dict[str, Fetched]:
         """Each node's whole raw output for the job (torchrun's, `[rankN]:` prefixes and all)."""

@@ -118,7 +118,8 @@ class SlurmBackend(OverSession):
     def start(self, job_id: str, plans: list[NodePlan]) -> dict[str, int | str]:
         raise UgroError("a Slurm job is submitted (SlurmBackend.submit), not started")
 
-    def stream(self, node: Node, job_id: str, sink: Sink) -> str | None:
+    def stream(self, node: Node, job_id: str, sink: Sink, on_state=None,
+               every: float = 2.0) -> str | None:
         sid = self.slurm_id(job_id)
         if sid is None:
             return f"job {job_id}: no Slurm job id in {self.job_dir(job_id)}"

@@ -9,6 +9,7 @@ and a later supervisor can pick the job up again.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import commands
@@ -49,8 +50,12 @@ class SSHBackend(OverSession):
 
         return fan_out([p.node for p in plans], one)
 
-    def stream(self, node: Node, job_id: str, sink: Sink) -> str | None:
-        return self.session.stream(node, commands.watch_job(node, job_id), sink).error
+    def stream(self, node: Node, job_id: str, sink: Sink,
+               on_state: Callable[[NodeState], None] | None = None,
+               every: float = 2.0) -> str | None:
+        err = _StateLines(on_state, sink) if on_state else None
+        return self.session.stream(node, commands.watch_job(node, job_id, every), sink,
+                                   err).error
 
     def states(self, nodes: list[Node], job_id: str) -> dict[str, NodeState]:
         out = {}
@@ -58,14 +63,8 @@ class SSHBackend(OverSession):
                                        timeout=self.quick)
         for name, a in answers.items():
             m = STATE_RE.search(a.stdout) if a.error is None else None
-            if m:
-                out[name] = NodeState(pgid=int(m.group(1)) if m.group(1) else None,
-                                      exit_code=m.group(2) or None, alive=m.group(3) == "1",
-                                      ended_at=float(m.group(4)) if m.group(4) else None,
-                                      stopped=int(m.group(5)),
-                                      metrics_at=float(m.group(6)) if m.group(6) else None)
-            else:
-                out[name] = NodeState(error=a.error or a.stderr.strip() or "no answer")
+            out[name] = _parsed(m) if m else NodeState(
+                error=a.error or a.stderr.strip() or "no answer")
         return out
 
     def await_ranks(self, node: Node, job_id: str, want: int,
@@ -97,3 +96,32 @@ class SSHBackend(OverSession):
         answers = self.session.run_all(nodes, lambda n: commands.list_files(n, path),
                                        timeout=self.quick)
         return {name: a.stdout.split() if a.ok else None for name, a in answers.items()}
+
+
+def _parsed(m: re.Match) -> NodeState:
+    return NodeState(pgid=int(m.group(1)) if m.group(1) else None,
+                     exit_code=m.group(2) or None, alive=m.group(3) == "1",
+                     ended_at=float(m.group(4)) if m.group(4) else None,
+                     stopped=int(m.group(5)),
+                     metrics_at=float(m.group(6)) if m.group(6) else None)
+
+
+class _StateLines:
+    """A job stream's stderr: its state lines go to `on_state`, anything else (a node-side
+    error) to the log, as it would without them."""
+
+    def __init__(self, on_state: Callable[[NodeState], None], sink: Sink):
+        self.on_state, self.sink, self.buffer = on_state, sink, ""
+
+    def write(self, data: str) -> None:
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            m = STATE_RE.fullmatch(line)
+            if m:
+                self.on_state(_parsed(m))
+            else:
+                self.sink.write(line + "\n")
+
+    def flush(self) -> None:
+        pass

@@ -129,50 +129,68 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str],
     )
 
 
-def watch_job(node: Node, job_id: str, poll: float = 0.2, idle: float = 0.5,
-              quiet: float = 1.0) -> str:
-    """Stream the job's output from the start through its exit marker.
+def _state(job_id: str) -> str:
+    """`state`: print the job's state on this node as one line (see `job_state`); needs
+    `D`, `J`, `N`, `P`, `_ALIVE` and `_TAGGED`."""
+    metrics = q(job_path(job_id, "metrics.jsonl"))
+    return (
+        "\nstate() { "
+        'E=$(cat "$D/exit_code" 2>/dev/null); G=$(tagged); '
+        'A=0; if alive || [ -n "$G" ]; then A=1; fi; '
+        'T=$(stat -c %Y "$D/exit_code" 2>/dev/null); '
+        f"W=$(stat -c %Y {metrics} 2>/dev/null); S=0; "
+        'for p in $G; do read -r l 2>/dev/null <"/proc/$p/stat" || continue; '
+        'set -- ${l##*) }; [ "$1" = T ] && S=$((S+1)); done; '
+        'echo "pgid=$P exit=$E alive=$A ended=$T stopped=$S metrics=$W"; }\n'
+    )
 
-    The marker carries the exit code, `killed` when the group died without
-    writing one, or `missing` when the job never started here. The loop sends
-    whatever the file gained since the last round in one piece (few, large SSH
-    packets, whatever the line rate) and stops only once it has sent the
-    marker, so no line is lost however far behind the reader is. When the
-    group is gone and its wrapper wrote no marker, the loop appends one.
 
-    Each round costs the node two short processes (the size, the sleep): after `quiet`
-    seconds without output it looks every `idle` seconds instead of every `poll`, until the
-    file grows or the job ends. The first line after a silence comes home at most `idle`
-    seconds late; a job that prints as it goes is read every `poll`.
+def watch_job(node: Node, job_id: str, every: float = 2.0, tick: float = 0.25) -> str:
+    """Stream the job's output from the start through its exit marker on stdout, and its
+    state (`job_state`'s line) on stderr every `every` seconds while it runs.
+
+    The marker carries the exit code, `killed` when the group died without writing one,
+    or `missing` when the job never started here. One stream is all the control node needs
+    to follow a node: its output, and that the node still answers and how the job's
+    processes are (no second connection asking).
+
+    The output is followed as it grows (`tail -f`: inotify, nothing runs per line) until
+    the watcher (a loop that wakes every `tick` seconds) has seen the job end and its marker
+    in the file, and then to the file's end: every byte written before the marker, and the
+    marker, are sent. When the group is gone and its wrapper wrote no marker, the watcher
+    appends one. A tail without `--pid` (busybox) gets the file's new bytes every `tick`.
     """
     d = node_job_dir(node, job_id)
     f = '"$D/output.log"'
-    idle = max(idle, poll)
+    ticks = max(1, round(every / tick))
+    grace = max(1, round(0.75 / tick))  # ticks a wrapper still finishing has for its marker
     return in_project(
         node,
-        f"D={q(d)}; "
+        f"D={q(d)}; J={q(job_id)}; N={q(node.name)}; "
         f'if [ ! -e "$D/pgid" ]; then printf "{MARKER_PRINTF} missing\\n"; exit 0; fi; '
-        f'P=$(cat "$D/pgid"); M=$(printf "{MARKER_PRINTF}")' + _ALIVE + "\n"
-        "off=0; end=0; q=0; "
-        "while :; do "
-        # Decide "finished" before measuring: what was written before it is sent below.
-        '  [ -e "$D/exit_code" ] || ! alive && end=$((end+1)); '
-        f"  size=$(wc -c <{f} 2>/dev/null || echo 0); "
-        f'  if [ "$size" -gt "$off" ]; then tail -c +$((off+1)) {f} | head -c $((size-off)); '
-        "    off=$size; q=0; else q=$((q+1)); fi; "
-        '  if [ $end -gt 0 ]; then '
-        # The marker must be among the bytes already sent, not just in the file.
-        f"    s0=$((size-{MARKER_SPAN})); [ $s0 -lt 1 ] && s0=1; "
-        f'    tail -c +$s0 {f} 2>/dev/null | head -c $((size-s0+1)) | grep -q "$M" && break; '
-        # Gone without a marker (killed, or died between exit code and marker):
-        # write it after a moment's grace for a wrapper still finishing.
-        '    if [ $end -gt 3 ] && ! alive; then '
+        f'P=$(cat "$D/pgid"); M=$(printf "{MARKER_PRINTF}")' + _ALIVE + _TAGGED
+        + _state(job_id)
+        + f'marked() {{ s=$(wc -c <{f}); s=$((s-{MARKER_SPAN})); [ $s -lt 1 ] && s=1; '
+        f'tail -c +$s {f} | grep -q "$M"; }}; '
+        f": >>{f}; "  # the wrapper may not have opened it yet: follow it from the start
+        "( i=0; end=0; while :; do "
+        f"  [ $((i % {ticks})) -eq 0 ] && state >&2; "
+        '  { [ -e "$D/exit_code" ] || ! alive; } && end=$((end+1)); '
+        "  if [ $end -gt 0 ]; then marked && break; "
+        f"    if [ $end -gt {grace} ] && ! alive; then "
         '      C=$(cat "$D/exit_code" 2>/dev/null) || C=killed; '
-        f"      printf '\\n%s %s\\n' \"$M\" \"${{C:-killed}}\" >>{f}; fi; "
-        "  fi; "
-        f'  if [ $end -eq 0 ] && [ $q -gt {max(0, int(quiet / poll))} ]; then sleep {idle}; '
-        f"  else sleep {poll}; fi; "
-        "done",
+        f"      printf '\\n%s %s\\n' \"$M\" \"${{C:-killed}}\" >>{f}; break; fi; fi; "
+        f"  sleep {tick}; i=$((i+1)); done ) & K=$!; "
+        "if tail --pid=$$ -c 0 /dev/null 2>/dev/null; then "
+        f"  tail --pid=$K -s {tick} -c +1 -f {f}; "
+        "else "
+        # Decide "over" before measuring: what was written before it is sent below.
+        "  off=0; o=; while :; do kill -0 $K 2>/dev/null || o=1; "
+        f"    size=$(wc -c <{f}); "
+        f'    if [ "$size" -gt "$off" ]; then tail -c +$((off+1)) {f} | head -c $((size-off)); '
+        "      off=$size; fi; "
+        f'    [ -n "$o" ] && break; sleep {tick}; done; '
+        "fi; wait $K",
     )
 
 
@@ -188,13 +206,7 @@ def job_state(node: Node, job_id: str) -> str:
     return in_project(
         node,
         f"D={q(d)}; J={q(job_id)}; N={q(node.name)}; "
-        'P=$(cat "$D/pgid" 2>/dev/null); E=$(cat "$D/exit_code" 2>/dev/null)' + _ALIVE + _TAGGED
-        + "\nA=0; if alive || [ -n \"$(tagged)\" ]; then A=1; fi; "
-        'T=$(stat -c %Y "$D/exit_code" 2>/dev/null); '
-        f'W=$(stat -c %Y {q(job_path(job_id, "metrics.jsonl"))} 2>/dev/null); S=0; '
-        'for p in $(tagged); do read -r l 2>/dev/null <"/proc/$p/stat" || continue; '
-        'set -- ${l##*) }; [ "$1" = T ] && S=$((S+1)); done; '
-        'echo "pgid=$P exit=$E alive=$A ended=$T stopped=$S metrics=$W"',
+        'P=$(cat "$D/pgid" 2>/dev/null)' + _ALIVE + _TAGGED + _state(job_id) + "state",
     )
 
 
