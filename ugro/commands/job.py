@@ -154,11 +154,13 @@ def watch_job(node: Node, job_id: str, every: float = 2.0, tick: float = 0.25) -
     to follow a node: its output, and that the node still answers and how the job's
     processes are (no second connection asking).
 
-    The output is followed as it grows (`tail -f`: inotify, nothing runs per line) until
-    the watcher (a loop that wakes every `tick` seconds) has seen the job end and its marker
-    in the file, and then to the file's end: every byte written before the marker, and the
-    marker, are sent. When the group is gone and its wrapper wrote no marker, the watcher
-    appends one. A tail without `--pid` (busybox) gets the file's new bytes every `tick`.
+    The output is followed by one `tail -f`, which looks every `tick` seconds and sends
+    what the file gained in one piece (few, large SSH packets whatever the line rate; with
+    inotify it would wake, and send a packet, for every write), until the watcher (a loop
+    that wakes every `tick` seconds) has seen the job end and its marker in the file, and
+    then to the file's end: every byte written before the marker, and the marker, are sent.
+    When the group is gone and its wrapper wrote no marker, the watcher appends one. Where
+    tail cannot do this (busybox: no `--pid`), a loop sends the file's new bytes every `tick`.
     """
     d = node_job_dir(node, job_id)
     f = '"$D/output.log"'
@@ -181,8 +183,8 @@ def watch_job(node: Node, job_id: str, every: float = 2.0, tick: float = 0.25) -
         '      C=$(cat "$D/exit_code" 2>/dev/null) || C=killed; '
         f"      printf '\\n%s %s\\n' \"$M\" \"${{C:-killed}}\" >>{f}; break; fi; fi; "
         f"  sleep {tick}; i=$((i+1)); done ) & K=$!; "
-        "if tail --pid=$$ -c 0 /dev/null 2>/dev/null; then "
-        f"  tail --pid=$K -s {tick} -c +1 -f {f}; "
+        "if tail ---disable-inotify --pid=$$ -c 0 /dev/null 2>/dev/null; then "
+        f"  tail ---disable-inotify --pid=$K -s {tick} -c +1 -f {f}; "
         "else "
         # Decide "over" before measuring: what was written before it is sent below.
         "  off=0; o=; while :; do kill -0 $K 2>/dev/null || o=1; "
