@@ -21,7 +21,6 @@ import pytest
 from ugro import commands, procs
 from ugro.commands import (
     EXIT_MARKER,
-    await_ranks,
     job_path,
     job_state,
     kill_all_jobs,
@@ -290,7 +289,7 @@ def test_start_state_kill(local, job_id, reap):
     pgid = start(local, job_id, ["sh", "-c", "echo hi; sleep 30"], reap)
     assert procs.group(pgid)
     assert sh(job_state(local, job_id)).stdout == (
-        f"pgid={pgid} exit= alive=1 ended= stopped=0 metrics=\n")
+        f"pgid={pgid} exit= alive=1 ended= stopped=0 metrics= ranks=0\n")
 
     again = sh(start_job(local, job_id, ["sh", "-c", "echo hi; sleep 30"], {}))
     assert again.returncode == 17
@@ -299,7 +298,7 @@ def test_start_state_kill(local, job_id, reap):
     stopped = sh(kill_job(local, job_id, grace=2))
     assert stopped.stdout == "stopped\n"
     assert sh(job_state(local, job_id)).stdout == (
-        f"pgid={pgid} exit= alive=0 ended= stopped=0 metrics=\n")
+        f"pgid={pgid} exit= alive=0 ended= stopped=0 metrics= ranks=0\n")
     assert procs.group(pgid) == []
 
     d = Path(local.project_path) / node_job_dir(local, job_id)
@@ -319,11 +318,11 @@ def test_watch_streams_output_and_exit_code(local, job_id, reap):
     exit_file = Path(local.project_path) / node_job_dir(local, job_id) / "exit_code"
     ended = int(exit_file.stat().st_mtime)
     assert sh(job_state(local, job_id)).stdout == (
-        f"pgid={pgid} exit=3 alive=0 ended={ended} stopped=0 metrics=\n")
+        f"pgid={pgid} exit=3 alive=0 ended={ended} stopped=0 metrics= ranks=0\n")
     metrics = Path(local.project_path) / job_path(job_id, "metrics.jsonl")
     metrics.write_text('{"step": 1}\n')
     assert sh(job_state(local, job_id)).stdout.endswith(
-        f" metrics={int(metrics.stat().st_mtime)}\n")
+        f" metrics={int(metrics.stat().st_mtime)} ranks=0\n")
 
 
 def follow(command: str, env: dict | None = None) -> tuple[subprocess.Popen, float]:
@@ -361,36 +360,26 @@ def test_watch_with_a_tail_that_cannot_follow_sends_every_byte(local, job_id, re
     assert out == "".join(f"{i}\n" for i in range(1, 3001)) + f"last\n\n{EXIT_MARKER} 4\n"
 
 
-def test_await_ranks_counts_this_nodes_workers_and_sees_the_end(local, job_id, reap):
-    # Two "workers" carry torchrun's LOCAL_RANK; the node's tags come from start_job.
-    worker = "LOCAL_RANK=0 sleep 30 & LOCAL_RANK=1 sleep 30 & wait"
+def test_the_state_counts_the_ranks_torchrun_started_and_the_stream_says_so_at_once(
+        local, job_id, reap):
+    from ugro.backends.ssh import STATE_RE
+
+    # torchrun makes one log directory per local rank just before it starts them.
+    logs = f"{node_job_dir(local, job_id)}/torchrun/{job_id}_x/attempt_0"
+    worker = f"sleep 1; mkdir -p {logs}/0 {logs}/1; sleep 30"
     start(local, job_id, ["sh", "-c", worker], reap)
-    t0 = time.monotonic()
-    assert sh(await_ranks(local, job_id, 2, timeout=10, poll=0.05)).stdout == "2\n"
-    assert time.monotonic() - t0 < 5
-    assert sh(await_ranks(local, job_id, 3, timeout=0.3, poll=0.05)).stdout == "2\n"  # gave up
-    sh(kill_job(local, job_id, grace=1))
-    assert sh(await_ranks(local, job_id, 3, timeout=10, poll=0.05)).stdout == "ended\n"
-
-
-def test_await_ranks_counts_at_once_when_torchrun_made_its_workers_log_dirs(local, job_id, reap):
-    # Between rescans the count waits for torchrun's `attempt_N/` directories (made just
-    # before it spawns the workers): a rescan every 60 s would time out without them.
-    logs = f"{node_job_dir(local, job_id)}/torchrun/{job_id}_x/attempt_0/0"
-    worker = f"sleep 0.5; mkdir -p {logs}; LOCAL_RANK=0 sleep 30 & wait"
-    start(local, job_id, ["sh", "-c", worker], reap)
-    t0 = time.monotonic()
-    out = sh(await_ranks(local, job_id, 1, timeout=10, poll=0.05, rescan=60))
-    assert out.stdout == "1\n"
-    assert time.monotonic() - t0 < 5
-
-
-def test_await_ranks_of_a_job_that_exited_or_never_started(local, job_id, reap):
-    start(local, job_id, ["true"], reap)
-    assert sh(await_ranks(local, job_id, 1, timeout=10, poll=0.05)).stdout == "ended\n"
-    never = sh(await_ranks(local, "never-" + job_id, 1, timeout=30, poll=0.05,
-                           missing_after=0.5))
-    assert never.stdout == "missing\n"
+    assert sh(job_state(local, job_id)).stdout.endswith(" ranks=0\n")
+    p, t0 = follow(watch_job(local, job_id, every=60, tick=0.05))
+    counted = []
+    for line in p.stderr:
+        counted.append(int(STATE_RE.fullmatch(line.rstrip("\n")).group(7)))
+        if counted[-1] == 2:
+            break
+    # The first line at once, the next as soon as the count changed (not 60 s later).
+    assert counted == [0, 2] and time.monotonic() - t0 < 10
+    assert sh(job_state(local, job_id)).stdout.endswith(" ranks=2\n")
+    p.kill()
+    assert sh(kill_job(local, job_id, grace=1)).stdout == "stopped\n"
 
 
 def test_watch_never_started(local, job_id):

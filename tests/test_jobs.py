@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
+import time
 from datetime import datetime
 
 import pytest
@@ -166,23 +168,29 @@ def test_a_lost_node_holds_its_node_after_the_job_failed(tmp_path):
     assert not holds_nodes(meta) and jobs.active() == []
 
 
-def test_detached_wait_reports_nodes_that_never_ran_when_the_job_fails(tmp_path, monkeypatch):
+def test_detached_wait_reads_the_ranks_the_supervisor_recorded(tmp_path):
     from ugro import lifecycle
 
-    class NoRanks:
-        def await_ranks(self, node, job_id, want, timeout):
-            return None
-
-        def close(self):
-            pass
-
-    cluster = parse_cluster(CLUSTER, tmp_path / "c.yaml")
     jobs = Jobs(tmp_path)
     job_id = begun(jobs, "d", ("a", "b"))
+    jobs.mark_running(job_id, {"a": 1, "b": 2})
+    jobs.set_supervisor(job_id, os.getpid())  # not a supervisor: gone, as far as it can tell
+    t0 = time.monotonic()
+    assert lifecycle.wait_for_ranks(jobs, job_id, poll=0.01, gone_after=0.2) == {
+        "a": "0/1 ranks when its supervisor stopped (see: inv status)",
+        "b": "0/1 ranks when its supervisor stopped (see: inv status)"}
+    assert time.monotonic() - t0 < 5
+
+    # What the supervisor records as each node's stream says torchrun started its ranks.
+    threading.Timer(0.3, lambda: jobs.note_nodes(job_id, {"a": {"ranks": 1},
+                                                         "b": {"ranks": 1}})).start()
+    assert lifecycle.wait_for_ranks(jobs, job_id, poll=0.01, gone_after=30) == {
+        "a": "1/1 ranks", "b": "1/1 ranks"}
+
+    jobs.note_nodes(job_id, {"b": {"ranks": 0}})
     jobs.finish(job_id, JobStatus.FAILED, error="two control nodes launched at once")
-    monkeypatch.setattr(lifecycle, "backend_for", lambda cluster, session=None: NoRanks())
-    assert lifecycle.wait_for_ranks(jobs, cluster, job_id, poll=0.01) == {
-        "a": "never ran all its ranks (job FAILED)", "b": "never ran all its ranks (job FAILED)"}
+    assert lifecycle.wait_for_ranks(jobs, job_id, poll=0.01) == {
+        "a": "1/1 ranks", "b": "never ran all its ranks (job FAILED)"}
 
 
 def test_bad_names_and_node_lists_are_one_clear_line(tmp_path):

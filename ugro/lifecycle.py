@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import closing, nullcontext
+from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 
@@ -59,15 +59,13 @@ def busy_nodes(jobs: Jobs, cluster: Cluster, nodes: tuple[Node, ...]) -> list[st
 
 
 def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
-           warn=lambda line: None, queued: str | None = None,
-           session: Session | None = None) -> str:
+           warn=lambda line: None, queued: str | None = None) -> str:
     """Preflight, record, start every node, hand over to a supervisor; returns the job id.
 
     `warn` hears what preflight found harmless but worth saying (a Python patch release
     that differs). Nothing is recorded until the plan is valid. `queued` is a queued job's
     id: its record exists already (`ugro.schedule` made it, and chose the nodes in
-    `cfg.nodes`), and it starts here by the same path as any launch. `session`: connections
-    to keep using afterwards (`wait_for_ranks`); the caller closes it. A cluster whose own
+    `cfg.nodes`), and it starts here by the same path as any launch. A cluster whose own
     scheduler runs jobs (Slurm) gets the job submitted instead (`submit`).
     """
     backend = backend_for(cluster)
@@ -75,9 +73,8 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
         return submit(jobs, cluster, cfg, root, backend)
     backend.close()
     ranks_per_node(cluster, cfg)  # a plan that cannot work is refused before anything runs
-    own = session is None
-    session = session or Session(cluster)
-    with store.locked(jobs.data_dir / ".launch.lock"), (closing(session) if own else nullcontext()):
+    session = Session(cluster)
+    with store.locked(jobs.data_dir / ".launch.lock"), closing(session):
         holding = busy_nodes(jobs, cluster, cluster.select(cfg.nodes))
         if holding:
             raise UgroError(f"nodes are busy with job {'; '.join(holding)}; wait for it, "
@@ -89,7 +86,7 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
         try:
             plans = plan(cluster, cfg, job_id, port)
             # The nodes start over the connections the preflight opened.
-            backend = backend_for(cluster, session if own else _Lent(session))
+            backend = backend_for(cluster, session)
             master = f"{plans[0].node.host}:{port}"
             world = sum(p.nproc for p in plans)
             store.write_json(jobs.dir(job_id) / "config.json", {
@@ -166,59 +163,43 @@ def submit(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path, backend)
     return job_id
 
 
-class _Lent:
-    """A session lent to a backend: the backend's close leaves it open for its owner."""
+def wait_for_ranks(jobs: Jobs, job_id: str, timeout: float = 300.0, poll: float = 0.05,
+                   gone_after: float = 5.0) -> dict[str, str]:
+    """Wait until every node runs all its ranks; node -> 'N/N ranks' or why not.
 
-    def __init__(self, session: Session):
-        self.session = session
-
-    def __getattr__(self, name):
-        return getattr(self.session, name)
-
-    def close(self) -> None:
-        pass
-
-
-def wait_for_ranks(jobs: Jobs, cluster: Cluster, job_id: str, timeout: float = 300.0,
-                   poll: float = 0.05, session: Session | None = None) -> dict[str, str]:
-    """Wait until every node runs all its ranks; node -> 'N/N ranks', 'ended' or why not.
-
-    Each node watches for its own ranks (`Backend.await_ranks`: one command per node, no
-    polling over SSH while torchrun's agents start). Returns early when the job stops being
-    active (a node failed at start-up); the nodes that had not reported by then say so.
+    Nothing is asked of the nodes here: each node's stream tells the supervisor how many
+    ranks torchrun started there (`commands.watch_job`), and the supervisor records it
+    (`ranks` in the node's facts). Returns early when the job stops being active (a node
+    failed at start-up), or when its supervisor has been gone for `gone_after` seconds.
     """
-    meta = jobs.metadata(job_id)
-    want = {name: facts.get("nproc") or 1 for name, facts in meta["nodes"].items()}
-    nodes = [cluster.node(n) for n in want]
-    answers: dict[str, int | str | None] = {}
     deadline = time.monotonic() + timeout
-    with closing(backend_for(cluster, session and _Lent(session))) as backend:
-        def watch(node: Node) -> None:
-            answers[node.name] = backend.await_ranks(node, job_id, want[node.name], timeout)
+    gone_since = None
+    while True:
+        meta = jobs.metadata(job_id)
+        nodes = meta["nodes"]
+        if all((f.get("ranks") or 0) >= (f.get("nproc") or 1) for f in nodes.values()):
+            break
+        if not is_active(meta.get("status")) or time.monotonic() > deadline:
+            break
+        if supervisor_alive(meta):
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since > gone_after:
+            break
+        time.sleep(poll)
 
-        watchers = [threading.Thread(target=watch, args=(n,), daemon=True) for n in nodes]
-        for w in watchers:
-            w.start()
-        while any(w.is_alive() for w in watchers) and time.monotonic() < deadline:
-            if not is_active(jobs.metadata(job_id).get("status")):
-                break
-            time.sleep(poll)
-    status = jobs.metadata(job_id).get("status")
+    def said(facts: dict) -> str:
+        got, want = facts.get("ranks") or 0, facts.get("nproc") or 1
+        if got >= want:
+            return f"{got}/{want} ranks"
+        if not is_active(meta.get("status")):
+            return f"never ran all its ranks (job {meta.get('status')})"
+        if gone_since is not None:
+            return f"{got}/{want} ranks when its supervisor stopped (see: inv status)"
+        return f"{got}/{want} ranks after {timeout:g}s"
 
-    def said(name: str) -> str:
-        got = answers.get(name)
-        if got == "ended":
-            return "ended"
-        if isinstance(got, int) and got >= want[name]:
-            return f"{got}/{want[name]} ranks"
-        if not is_active(status):
-            return f"never ran all its ranks (job {status})"
-        if got == "missing":
-            return "never started there"
-        return "did not answer" if name in answers and got is None else \
-            "not all ranks started yet"
-
-    return {n.name: said(n.name) for n in nodes}  # node order, whoever was first
+    return {name: said(facts) for name, facts in nodes.items()}
 
 
 def spawn_supervisor(jobs: Jobs, cluster: Cluster, job_id: str) -> int:

@@ -152,6 +152,7 @@ class NodeState:
     ended_at: float | None = None  # when the exit code was written (epoch seconds)
     stopped: int = 0  # processes of the job that are stopped (SIGSTOP)
     metrics_at: float | None = None  # when its metrics.jsonl last changed, by the node's clock
+    ranks: int | None = None  # workers torchrun has started there (None: not said)
 
     @property
     def reachable(self) -> bool:

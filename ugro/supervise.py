@@ -70,6 +70,7 @@ class Supervisor:
         self.on_stall = launch.get("on_stall") or "flag"
         self.sinks: dict[str, NodeLog] = {}
         self.metrics_at: dict[str, float | None] = {}  # each node's metrics.jsonl mtime, as seen
+        self.ranks: dict[str, int] = {}  # workers torchrun has started on each node, as recorded
         self.active_at = time.monotonic()  # the last metrics change seen (output: in `sinks`)
         self.stalled = bool(meta.get("stalled_since"))
         self.stop_reason: str | None = None  # why the supervisor itself stopped the job
@@ -178,7 +179,8 @@ class Supervisor:
 
     def _answered(self, node: Node, state: NodeState) -> None:
         """What a node said of the job's processes: it is there, frozen or not, its metrics
-        moved or not; its outcome when its stream is gone and they have ended."""
+        moved or not, how many ranks torchrun started there (recorded); its outcome when its
+        stream is gone and they have ended."""
         if state.reachable:
             self.heard[node.name] = time.monotonic()
             if state.stopped and state.alive:
@@ -190,6 +192,11 @@ class Supervisor:
                 self.active_at = time.monotonic()
             if node.name in self.unstreamed and not state.alive:
                 self._ended(node, state.exit_code or "killed", None, None)
+            if state.ranks and state.ranks != self.ranks.get(node.name):
+                # What `inv launch --detach` waits for (`lifecycle.wait_for_ranks`).
+                if self._note(lambda: self.jobs.note_nodes(
+                        self.job_id, {node.name: {"ranks": state.ranks}})):
+                    self.ranks[node.name] = state.ranks
         self.changed.set()
 
     def _wait(self, killer: Backend) -> None:

@@ -73,18 +73,14 @@ class Backend(Protocol):
         """Write the node's output for the job to `sink` until its exit marker; an error or None.
 
         A backend whose stream also carries the node's state (SSH) hands it to `on_state`
-        every `every` seconds while the job runs; the others never call it.
+        every `every` seconds while the job runs, and as soon as torchrun has started more of
+        its ranks there (`NodeState.ranks`); the others never call it.
         """
 
     def output(self, nodes: list[Node], job_id: str) -> dict[str, Fetched]:
         """Each node's whole raw output for the job (torchrun's, `[rankN]:` prefixes and all)."""
 
     def states(self, nodes: list[Node], job_id: str) -> dict[str, NodeState]: ...
-
-    def await_ranks(self, node: Node, job_id: str, want: int,
-                    timeout: float) -> int | str | None:
-        """Wait until `want` ranks run on the node; how many run then, `ended` once its
-        torchrun exited, `missing` if it never started there, None when nobody can tell."""
 
     def stop(self, nodes: list[Node], job_id: str, grace: float) -> dict[str, str]:
         """Stop the job on these nodes; node -> `stopped`, `still-alive` or why it could not."""

@@ -142,10 +142,6 @@ class SlurmBackend(OverSession):
         return {n.name: NodeState(exit_code=codes.get(n.name),
                                   alive=alive and n.name not in codes) for n in nodes}
 
-    def await_ranks(self, node: Node, job_id: str, want: int,
-                    timeout: float) -> int | str | None:
-        return None  # Slurm starts the ranks; not ours to count
-
     def stop(self, nodes: list[Node], job_id: str, grace: float) -> dict[str, str]:
         """scancel the whole job (Slurm's is one unit) and wait until Slurm says it ended."""
         sid = self.slurm_id(job_id)

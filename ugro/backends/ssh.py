@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..plan import NodePlan
 
 STATE_RE = re.compile(r"pgid=(\d*) exit=(\S*) alive=([01]) ended=(\d*) stopped=(\d+)"
-                      r"(?: metrics=(\d*))?")
+                      r"(?: metrics=(\d*))?(?: ranks=(\d+))?")
 
 
 class SSHBackend(OverSession):
@@ -67,13 +67,6 @@ class SSHBackend(OverSession):
                 error=a.error or a.stderr.strip() or "no answer")
         return out
 
-    def await_ranks(self, node: Node, job_id: str, want: int,
-                    timeout: float) -> int | str | None:
-        a = self.session.run(node, commands.await_ranks(node, job_id, want, timeout),
-                             timeout=timeout + self.quick)
-        text = a.stdout.strip()
-        return int(text) if text.isdigit() else text if text in ("ended", "missing") else None
-
     def stop(self, nodes: list[Node], job_id: str, grace: float) -> dict[str, str]:
         answers = self.session.run_all(nodes, lambda n: commands.kill_job(n, job_id, grace),
                                        timeout=grace + 30)
@@ -103,7 +96,8 @@ def _parsed(m: re.Match) -> NodeState:
                      exit_code=m.group(2) or None, alive=m.group(3) == "1",
                      ended_at=float(m.group(4)) if m.group(4) else None,
                      stopped=int(m.group(5)),
-                     metrics_at=float(m.group(6)) if m.group(6) else None)
+                     metrics_at=float(m.group(6)) if m.group(6) else None,
+                     ranks=int(m.group(7)) if m.group(7) else None)
 
 
 class _StateLines:

@@ -12,7 +12,6 @@ preflight, the monitor's sample); `job`: a job's processes and files on a node;
 
 from .job import (  # noqa: F401
     RDZV_STORE,
-    await_ranks,
     job_output,
     job_path,
     job_state,

@@ -131,23 +131,32 @@ def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str],
 
 def _state(job_id: str) -> str:
     """`state`: print the job's state on this node as one line (see `job_state`); needs
-    `D`, `J`, `N`, `P`, `_ALIVE` and `_TAGGED`."""
+    `D`, `J`, `N`, `P`, `_ALIVE` and `_TAGGED`, and `R` from `ranks`.
+
+    `ranks` counts the workers torchrun has started here by their log directories
+    (`--log-dir .../torchrun`, which `plan` always passes: torchrun makes one per local rank
+    just before it starts them, and they stay): a glob, no process runs and no process's
+    memory is read while the agents import torch.
+    """
     metrics = q(job_path(job_id, "metrics.jsonl"))
     return (
-        "\nstate() { "
+        '\nranks() { R=0; for a in "$D"/torchrun/*/attempt_*/[0-9]*/; do '
+        '[ -d "$a" ] && R=$((R+1)); done; }\n'
+        "state() { "
         'E=$(cat "$D/exit_code" 2>/dev/null); G=$(tagged); '
         'A=0; if alive || [ -n "$G" ]; then A=1; fi; '
         'T=$(stat -c %Y "$D/exit_code" 2>/dev/null); '
         f"W=$(stat -c %Y {metrics} 2>/dev/null); S=0; "
         'for p in $G; do read -r l 2>/dev/null <"/proc/$p/stat" || continue; '
         'set -- ${l##*) }; [ "$1" = T ] && S=$((S+1)); done; '
-        'echo "pgid=$P exit=$E alive=$A ended=$T stopped=$S metrics=$W"; }\n'
+        'echo "pgid=$P exit=$E alive=$A ended=$T stopped=$S metrics=$W ranks=$R"; }\n'
     )
 
 
 def watch_job(node: Node, job_id: str, every: float = 2.0, tick: float = 0.25) -> str:
     """Stream the job's output from the start through its exit marker on stdout, and its
-    state (`job_state`'s line) on stderr every `every` seconds while it runs.
+    state (`job_state`'s line) on stderr every `every` seconds while it runs, and at once
+    when torchrun has started more of its ranks.
 
     The marker carries the exit code, `killed` when the group died without writing one,
     or `missing` when the job never started here. One stream is all the control node needs
@@ -175,8 +184,8 @@ def watch_job(node: Node, job_id: str, every: float = 2.0, tick: float = 0.25) -
         + f'marked() {{ s=$(wc -c <{f}); s=$((s-{MARKER_SPAN})); [ $s -lt 1 ] && s=1; '
         f'tail -c +$s {f} | grep -q "$M"; }}; '
         f": >>{f}; "  # the wrapper may not have opened it yet: follow it from the start
-        "( i=0; end=0; while :; do "
-        f"  [ $((i % {ticks})) -eq 0 ] && state >&2; "
+        "( i=0; end=0; r=; while :; do ranks; "
+        f'  if [ $((i % {ticks})) -eq 0 ] || [ "$R" != "$r" ]; then state >&2; r=$R; fi; '
         '  { [ -e "$D/exit_code" ] || ! alive; } && end=$((end+1)); '
         "  if [ $end -gt 0 ]; then marked && break; "
         f"    if [ $end -gt {grace} ] && ! alive; then "
@@ -197,18 +206,20 @@ def watch_job(node: Node, job_id: str, every: float = 2.0, tick: float = 0.25) -
 
 
 def job_state(node: Node, job_id: str) -> str:
-    """Print `pgid=… exit=… alive=0|1 ended=… stopped=… metrics=…` for the job on this node.
+    """Print `pgid=… exit=… alive=0|1 ended=… stopped=… metrics=… ranks=…` for the job on
+    this node.
 
     `ended` is when the exit code was written (seconds since the epoch; empty while it
     runs), `stopped` how many of its processes are stopped (SIGSTOP: hung for good),
     `metrics` when the job's metrics.jsonl last changed here (empty when it has none): a
-    script that logs metrics without printing is not silent.
+    script that logs metrics without printing is not silent. `ranks`: how many workers
+    torchrun has started here (see `_state`).
     """
     d = node_job_dir(node, job_id)
     return in_project(
         node,
         f"D={q(d)}; J={q(job_id)}; N={q(node.name)}; "
-        'P=$(cat "$D/pgid" 2>/dev/null)' + _ALIVE + _TAGGED + _state(job_id) + "state",
+        'P=$(cat "$D/pgid" 2>/dev/null)' + _ALIVE + _TAGGED + _state(job_id) + "ranks; state",
     )
 
 
@@ -225,43 +236,6 @@ def kill_job(node: Node, job_id: str, grace: float = 3.0) -> str:
         f"D={q(d)}; J={q(job_id)}; N={q(node.name)}; "
         'P=$(cat "$D/pgid" 2>/dev/null)' + _ALIVE + _TAGGED + "\n" + _SIGNALS
         + _stop(ticks, "if any; then echo still-alive; else echo stopped; fi"),
-    )
-
-
-def await_ranks(node: Node, job_id: str, want: int, timeout: float,
-                poll: float = 0.1, missing_after: float = 10.0, rescan: float = 1.0) -> str:
-    """Wait on the node until `want` of the job's ranks (torchrun workers) run there; print
-    how many run, or `ended` once the node's launch is over (an exit code is written, or
-    its process group is gone), or `missing` when it has not started here within
-    `missing_after` seconds.
-
-    One command that watches locally instead of a question asked over SSH again and again:
-    while torchrun's agents import torch, a poll from the control node costs every node an
-    sshd session and a shell many times a second. Counting ranks reads every process's
-    environment, which contends with the agents' own page faults, so it runs every round only
-    once torchrun has made its workers' log directories (`--log-dir .../torchrun`, which
-    `plan` always passes; it makes them just before it spawns the workers), and otherwise
-    every `rescan` seconds. Prints the count it reached when `timeout` runs out.
-    """
-    d = node_job_dir(node, job_id)
-    ticks = max(1, int(timeout / poll))
-    every = max(1, int(rescan / poll))
-    return in_project(
-        node,
-        f"D={q(d)}; J={q(job_id)}; N={q(node.name)}" + _ALIVE + _TAGGED + "\n"
-        'spawned() { for a in "$D"/torchrun/*/attempt_*/; do [ -d "$a" ] && return 0; done; '
-        "return 1; }; "
-        f"i=0; n=0; while [ $i -lt {ticks} ]; do "
-        '[ -e "$D/exit_code" ] && { echo ended; exit 0; }; '
-        f"if [ $((i % {every})) -eq 0 ] || spawned; then "
-        "f=$(tagged_files); "
-        "n=0; [ -z \"$f\" ] || n=$(grep -lz '^LOCAL_RANK=' $f 2>/dev/null | wc -l); "
-        f'[ "$n" -ge {int(want)} ] && {{ echo "$n"; exit 0; }}; fi; '
-        'if [ -z "$P" ]; then P=$(cat "$D/pgid" 2>/dev/null); '
-        f'  [ -n "$P" ] || [ $i -lt {int(missing_after / poll)} ] || {{ echo missing; exit 0; }}; '
-        'elif ! alive; then echo ended; exit 0; fi; '
-        f"sleep {poll}; i=$((i+1)); done; "
-        'echo "$n"',
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from contextlib import closing
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -93,7 +92,6 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
            num_nodes=None, min_gpu_mem=None, priority=None, after=None):
     """Run a distributed torchrun training job on the cluster's nodes (or queue it)."""
     from .. import lifecycle, records, schedule, views
-    from ..cluster import Session
     from ..plan import LaunchConfig
 
     positive("lr", lr)
@@ -129,48 +127,46 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
         print(sync_mod.sync_table(results), flush=True)
     detached = (f"detached; follow with: inv logs {cfg.name} --follow; "
                 f"stop with: inv cancel {cfg.name}")
-    # Connects on first use: the preflight's connections, kept for wait_for_ranks.
-    with closing(Session(cluster)) as session:
-        if queue:
-            job_id = schedule.enqueue(jobs, cluster, cfg, ROOT)
-            schedule.run_pass(jobs, cluster, ROOT)
+    if queue:
+        job_id = schedule.enqueue(jobs, cluster, cfg, ROOT)
+        schedule.run_pass(jobs, cluster, ROOT)
+        meta = jobs.metadata(job_id)
+        if meta["status"] == JobStatus.QUEUED:
+            row = next(r for r in views.queue([jobs.metadata(j) for j in jobs.active()],
+                                              records.utcnow()) if r["job_id"] == job_id)
+            print(f"job {job_id}: queued at position {row['position']} ({row['reason']}); "
+                  f"see: inv queue")
+            return
+        if not is_active(meta["status"]):
+            raise UgroError(f"job {job_id}: {meta['status']}: {meta.get('error')}")
+    else:
+        job_id = lifecycle.launch(jobs, cluster, cfg, ROOT, warn=note)
+    meta = jobs.metadata(job_id)
+    if meta.get("slurm"):
+        s = meta["slurm"]
+        print(f"job {job_id}: Slurm job {s['job_id']}, world size {meta['world_size']} "
+              f"({s['nodes']} nodes x {s['nproc']}); QUEUED until Slurm starts it",
+              flush=True)
+        if detach:
+            print(detached)
+            return
+    else:
+        where = ", ".join(f"{n} ({v['nproc']} rank{'s' if v['nproc'] > 1 else ''})"
+                          for n, v in meta["nodes"].items())
+        print(f"job {job_id}: world size {meta['world_size']} on {where}; "
+              f"rendezvous {meta['master']}", flush=True)
+        if detach:
+            started = lifecycle.wait_for_ranks(jobs, job_id)
+            print("started: " + ", ".join(f"{n} {s}" for n, s in started.items()))
             meta = jobs.metadata(job_id)
-            if meta["status"] == JobStatus.QUEUED:
-                row = next(r for r in views.queue([jobs.metadata(j) for j in jobs.active()],
-                                                  records.utcnow()) if r["job_id"] == job_id)
-                print(f"job {job_id}: queued at position {row['position']} ({row['reason']}); "
-                      f"see: inv queue")
+            if meta["status"] == JobStatus.COMPLETED:
+                print(f"job {job_id}: COMPLETED already")
                 return
             if not is_active(meta["status"]):
-                raise UgroError(f"job {job_id}: {meta['status']}: {meta.get('error')}")
-        else:
-            job_id = lifecycle.launch(jobs, cluster, cfg, ROOT, warn=note, session=session)
-        meta = jobs.metadata(job_id)
-        if meta.get("slurm"):
-            s = meta["slurm"]
-            print(f"job {job_id}: Slurm job {s['job_id']}, world size {meta['world_size']} "
-                  f"({s['nodes']} nodes x {s['nproc']}); QUEUED until Slurm starts it",
-                  flush=True)
-            if detach:
-                print(detached)
-                return
-        else:
-            where = ", ".join(f"{n} ({v['nproc']} rank{'s' if v['nproc'] > 1 else ''})"
-                              for n, v in meta["nodes"].items())
-            print(f"job {job_id}: world size {meta['world_size']} on {where}; "
-                  f"rendezvous {meta['master']}", flush=True)
-            if detach:
-                started = lifecycle.wait_for_ranks(jobs, cluster, job_id, session=session)
-                print("started: " + ", ".join(f"{n} {s}" for n, s in started.items()))
-                meta = jobs.metadata(job_id)
-                if meta["status"] == JobStatus.COMPLETED:
-                    print(f"job {job_id}: COMPLETED already")
-                    return
-                if not is_active(meta["status"]):
-                    raise Exit(f"ugro: job {job_id}: {meta['status']}: {meta.get('error')}",
-                               code=1)
-                print(detached)
-                return
+                raise Exit(f"ugro: job {job_id}: {meta['status']}: {meta.get('error')}",
+                           code=1)
+            print(detached)
+            return
     attached(jobs, cluster, job_id)
 
 
