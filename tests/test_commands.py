@@ -350,14 +350,18 @@ def test_watch_with_a_tail_that_cannot_follow_sends_every_byte(local, job_id, re
     # A tail without --pid/-f (busybox): the file's new bytes every tick instead.
     fake = tmp_path / "bin"
     fake.mkdir()
+    refused = tmp_path / "refused"
     (fake / "tail").write_text(
-        '#!/bin/sh\ncase "$*" in *--pid*|*-f*) exit 1;; esac\nexec /usr/bin/tail "$@"\n')
+        '#!/bin/sh\nfor a; do case $a in --pid=*|-f|---disable-inotify) '
+        f'touch {shlex.quote(str(refused))}; exit 1;; esac; done\n'
+        'exec /usr/bin/tail "$@"\n')
     (fake / "tail").chmod(0o755)
     start(local, job_id, ["sh", "-c", "seq 1 3000; sleep 0.3; echo last; exit 4"], reap)
     p, _ = follow(watch_job(local, job_id, tick=0.05),
                   env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
     out, _ = p.communicate(timeout=30)
     assert out == "".join(f"{i}\n" for i in range(1, 3001)) + f"last\n\n{EXIT_MARKER} 4\n"
+    assert refused.exists()  # the fallback ran: this tail refused to follow
 
 
 def test_the_state_counts_the_ranks_torchrun_started_and_the_stream_says_so_at_once(
@@ -377,6 +381,11 @@ def test_the_state_counts_the_ranks_torchrun_started_and_the_stream_says_so_at_o
             break
     # The first line at once, the next as soon as the count changed (not 60 s later).
     assert counted == [0, 2] and time.monotonic() - t0 < 10
+    assert sh(job_state(local, job_id)).stdout.endswith(" ranks=2\n")
+    # A restart makes attempt_1: the ranks of one attempt are counted, not of all.
+    root = Path(local.project_path) / logs.replace("attempt_0", "attempt_1")
+    (root / "0").mkdir(parents=True)
+    (root / "1").mkdir()
     assert sh(job_state(local, job_id)).stdout.endswith(" ranks=2\n")
     p.kill()
     assert sh(kill_job(local, job_id, grace=1)).stdout == "stopped\n"

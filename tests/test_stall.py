@@ -203,6 +203,15 @@ def test_a_streams_state_lines_are_parsed_and_everything_else_reaches_the_log():
         (12, True, 1, 17.0, None), (12, False, 0, None, "0")]
     assert log == ["sh: oops\n"]
 
+    # What the supervisor does with a state may fail: the stream's reader must live on.
+    def fails(state):
+        raise OSError("no locks available")
+
+    lines = _StateLines(fails, Log())
+    lines.write("pgid=12 exit= alive=1 ended= stopped=0 metrics=\nlast words")
+    lines.close()
+    assert log[-1] == "last words\n"
+
 
 # -- what people see --------------------------------------------------------------------------
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)

@@ -9,6 +9,7 @@ and a later supervisor can pick the job up again.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -53,9 +54,12 @@ class SSHBackend(OverSession):
     def stream(self, node: Node, job_id: str, sink: Sink,
                on_state: Callable[[NodeState], None] | None = None,
                every: float = 2.0) -> str | None:
-        err = _StateLines(on_state, sink) if on_state else None
-        return self.session.stream(node, commands.watch_job(node, job_id, every), sink,
-                                   err).error
+        err = _StateLines(on_state or (lambda state: None), sink)
+        try:
+            return self.session.stream(node, commands.watch_job(node, job_id, every), sink,
+                                       err).error
+        finally:
+            err.close()
 
     def states(self, nodes: list[Node], job_id: str) -> dict[str, NodeState]:
         out = {}
@@ -102,7 +106,11 @@ def _parsed(m: re.Match) -> NodeState:
 
 class _StateLines:
     """A job stream's stderr: its state lines go to `on_state`, anything else (a node-side
-    error) to the log, as it would without them."""
+    error) to the log, as it would without them.
+
+    It runs in the stream's reader thread: whatever `on_state` raises is said and dropped,
+    since a reader that dies ends the stream while the job runs on.
+    """
 
     def __init__(self, on_state: Callable[[NodeState], None], sink: Sink):
         self.on_state, self.sink, self.buffer = on_state, sink, ""
@@ -112,10 +120,20 @@ class _StateLines:
         *lines, self.buffer = self.buffer.split("\n")
         for line in lines:
             m = STATE_RE.fullmatch(line)
-            if m:
-                self.on_state(_parsed(m))
-            else:
+            if not m:
                 self.sink.write(line + "\n")
+                continue
+            try:
+                self.on_state(_parsed(m))
+            except Exception as exc:  # noqa: BLE001 - see the class docstring
+                print(f"ugro: a node's state could not be noted: {exc!r}", file=sys.stderr,
+                      flush=True)
 
     def flush(self) -> None:
         pass
+
+    def close(self) -> None:
+        """The last line, when the stream ended without its newline."""
+        if self.buffer:
+            self.sink.write(self.buffer + "\n")
+            self.buffer = ""

@@ -135,13 +135,16 @@ def _state(job_id: str) -> str:
 
     `ranks` counts the workers torchrun has started here by their log directories
     (`--log-dir .../torchrun`, which `plan` always passes: torchrun makes one per local rank
-    just before it starts them, and they stay): a glob, no process runs and no process's
-    memory is read while the agents import torch.
+    in `attempt_N/` just before it starts them, and they stay; the attempt with the most
+    counts, should torchrun restart its workers): globs only, so the watcher can look every
+    tick while the agents import torch. `state` reads the job's processes' environments
+    (`tagged`), which it does every few seconds.
     """
     metrics = q(job_path(job_id, "metrics.jsonl"))
     return (
-        '\nranks() { R=0; for a in "$D"/torchrun/*/attempt_*/[0-9]*/; do '
-        '[ -d "$a" ] && R=$((R+1)); done; }\n'
+        '\nranks() { R=0; for ra in "$D"/torchrun/*/attempt_*/; do rn=0; '
+        'for rd in "$ra"[0-9]*/; do [ -d "$rd" ] && rn=$((rn+1)); done; '
+        '[ $rn -gt $R ] && R=$rn; done; }\n'
         "state() { "
         'E=$(cat "$D/exit_code" 2>/dev/null); G=$(tagged); '
         'A=0; if alive || [ -n "$G" ]; then A=1; fi; '

@@ -68,7 +68,8 @@ def launch_defaults(c) -> tuple[dict, dict]:
                   "from config/training_defaults.yaml: scripts/train_single_test.py)",
         "nodes": "comma-separated node names (default: every node)",
         "nproc_per_node": "ranks per node (default: the node's GPU count, or cpu_procs)",
-        "detach": "return once every rank runs; the job is supervised in the background",
+        "detach": "return once torchrun on every node has started all its ranks; the job "
+                  "is supervised in the background",
         "resume": "pass --resume to the script (continue from its latest checkpoint)",
         "script_args": "extra arguments for the script, as one quoted string",
         "sync": "run `inv sync` to every node first (default: launch.sync in "
@@ -165,6 +166,12 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
             if not is_active(meta["status"]):
                 raise Exit(f"ugro: job {job_id}: {meta['status']}: {meta.get('error')}",
                            code=1)
+            short = [n for n, f in meta["nodes"].items()
+                     if (f.get("ranks") or 0) < (f.get("nproc") or 1)]
+            if short:
+                raise Exit(f"ugro: job {job_id}: {meta['status']}, but not every rank has "
+                           f"started on {', '.join(short)}; see: inv status, inv logs "
+                           f"{cfg.name}", code=1)
             print(detached)
             return
     attached(jobs, cluster, job_id)
