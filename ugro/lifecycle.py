@@ -163,6 +163,12 @@ def submit(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path, backend)
     return job_id
 
 
+def short_of_ranks(meta: dict) -> list[str]:
+    """The job's nodes where torchrun has not yet started all their ranks, as recorded."""
+    return [name for name, facts in meta["nodes"].items()
+            if (facts.get("ranks") or 0) < (facts.get("nproc") or 1)]
+
+
 def wait_for_ranks(jobs: Jobs, job_id: str, timeout: float = 300.0, poll: float = 0.05,
                    gone_after: float = 5.0) -> dict[str, str]:
     """Wait until every node runs all its ranks; node -> 'N/N ranks' or why not.
@@ -176,8 +182,8 @@ def wait_for_ranks(jobs: Jobs, job_id: str, timeout: float = 300.0, poll: float 
     gone_since = None
     while True:
         meta = jobs.metadata(job_id)
-        nodes = meta["nodes"]
-        if all((f.get("ranks") or 0) >= (f.get("nproc") or 1) for f in nodes.values()):
+        short = short_of_ranks(meta)
+        if not short:
             break
         if not is_active(meta.get("status")) or time.monotonic() > deadline:
             break
@@ -189,9 +195,9 @@ def wait_for_ranks(jobs: Jobs, job_id: str, timeout: float = 300.0, poll: float 
             break
         time.sleep(poll)
 
-    def said(facts: dict) -> str:
+    def said(name: str, facts: dict) -> str:
         got, want = facts.get("ranks") or 0, facts.get("nproc") or 1
-        if got >= want:
+        if name not in short:
             return f"{got}/{want} ranks"
         if not is_active(meta.get("status")):
             return f"never ran all its ranks (job {meta.get('status')})"
@@ -199,7 +205,7 @@ def wait_for_ranks(jobs: Jobs, job_id: str, timeout: float = 300.0, poll: float 
             return f"{got}/{want} ranks when its supervisor stopped (see: inv status)"
         return f"{got}/{want} ranks after {timeout:g}s"
 
-    return {name: said(facts) for name, facts in nodes.items()}
+    return {name: said(name, facts) for name, facts in meta["nodes"].items()}
 
 
 def spawn_supervisor(jobs: Jobs, cluster: Cluster, job_id: str) -> int:

@@ -166,8 +166,7 @@ def launch(c, name=None, epochs=None, lr=None, model=None, dataset=None, batch_s
             if not is_active(meta["status"]):
                 raise Exit(f"ugro: job {job_id}: {meta['status']}: {meta.get('error')}",
                            code=1)
-            short = [n for n, f in meta["nodes"].items()
-                     if (f.get("ranks") or 0) < (f.get("nproc") or 1)]
+            short = lifecycle.short_of_ranks(meta)
             if short:
                 raise Exit(f"ugro: job {job_id}: {meta['status']}, but not every rank has "
                            f"started on {', '.join(short)}; see: inv status, inv logs "
