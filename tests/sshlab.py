@@ -255,7 +255,9 @@ LogLevel ERROR
         return cfg
 
     def cluster_dict(self, nodes: list[LabNode] | None = None, *, master_port: int | None = None,
-                     timeout: float = 5.0, node_overrides: dict | None = None) -> dict:
+                     timeout: float = 5.0, node_overrides: dict | None = None,
+                     rdzv_backend: str | None = None) -> dict:
+        """The lab as a cluster file's data; `rdzv_backend` None leaves UGRO's default."""
         nodes = self.nodes if nodes is None else nodes
         over = node_overrides or {}
         configs = [self.node_config(n, **over.get(n.name, {})) for n in nodes]
@@ -263,7 +265,7 @@ LogLevel ERROR
             "cluster": {
                 "name": "lab",
                 "master_port": master_port or rendezvous_port(),
-                "rdzv_backend": "c10d",
+                **({"rdzv_backend": rdzv_backend} if rdzv_backend else {}),
                 "health_timeout": timeout,
                 "known_hosts": str(self.known_hosts),
             },

@@ -60,7 +60,7 @@ def test_shipped_local_cluster():
         ),
         master=c.nodes[0],
         master_port=29500,
-        rdzv_backend="c10d",
+        rdzv_backend="static",
         health_timeout=5.0,
     )
     assert c.master.procs == 2
@@ -87,7 +87,7 @@ def test_homelab_example_is_the_reference_cluster(home):
     )
     assert c.nodes == (master, gpu1, gpu2)
     assert c.master == master
-    assert (c.name, c.master_port, c.rdzv_backend) == ("homelab", 29500, "c10d")
+    assert (c.name, c.master_port, c.rdzv_backend) == ("homelab", 29500, "static")
     assert (c.health_timeout, c.port_policy) == (5.0, "next-free")
     assert c.known_hosts_path == home / ".ssh" / "known_hosts"
     # Its `training:` section is the reference job, read by train_production.py --config.

@@ -139,7 +139,10 @@ def test_module_script_runs_with_dash_m(inv, cluster):
     assert meta["status"] == "COMPLETED" and "Train Epoch: 2" in node_logs(job)
 
 
-def test_a_script_that_cannot_start_fails_with_its_first_error_and_leaves_nothing(inv, cluster):
+@pytest.mark.parametrize("backend", ["static", "c10d"])
+def test_a_script_that_cannot_start_fails_with_its_first_error_and_leaves_nothing(
+        inv, project, tmp_path, backend):
+    cluster = project.cluster_file(tmp_path / "lab.yaml", rdzv_backend=backend)
     r = inv("launch", "--name", "broken", "--script", "foreign/broken.py", "--nproc-per-node",
             "1", cluster=cluster, timeout=240)
     assert r.returncode == 1
@@ -147,7 +150,7 @@ def test_a_script_that_cannot_start_fails_with_its_first_error_and_leaves_nothin
     assert meta["status"] == "FAILED"
     assert "No module named 'a_module_that_is_not_installed'" in meta["error"]
     assert "ModuleNotFoundError" in r.stderr
-    # The rendezvous store outlived every agent: no node failed to shut the rendezvous down.
+    # No node failed to shut the rendezvous down (c10d: UGRO's store outlived every agent).
     assert "recvVector" not in node_logs(job) and "failed to shutdown" not in node_logs(job)
     assert tagged_pids(job.name) == []
 

@@ -29,7 +29,9 @@ def only_job(data: Path) -> tuple[str, dict]:
     return job.name, json.loads((job / "metadata.json").read_text())
 
 
-def test_three_node_launch_completes(inv, cluster, lab):
+@pytest.mark.parametrize("backend", ["static", "c10d"])
+def test_three_node_launch_completes(inv, lab_project, tmp_path, lab, backend):
+    cluster = lab_project.cluster_file(tmp_path / "lab.yaml", rdzv_backend=backend)
     r = inv("launch", "--name", "exp1", "--epochs", "2", "--nproc-per-node", "1",
             "--script-args", FAST, cluster=cluster, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -41,10 +43,15 @@ def test_three_node_launch_completes(inv, cluster, lab):
     job = inv.data / "experiments" / job_id
     config = json.loads((job / "config.json").read_text())
     argv = config["nodes"]["lab1"]["argv"]
-    assert argv[argv.index("--local-addr") + 1] == "127.0.0.3"
+    assert config["cluster"]["rdzv_backend"] == backend
     assert config["nodes"]["lab1"]["node_rank"] == 1
-    assert argv[argv.index("--rdzv-endpoint") + 1].startswith("127.0.0.2:")
-    assert argv[argv.index("--rdzv-id") + 1] == job_id
+    if backend == "static":  # the node ranks are UGRO's; rank 0's agent holds the store
+        assert argv[argv.index("--node-rank") + 1] == "1"
+        assert argv[argv.index("--master-addr") + 1] == "127.0.0.2"
+    else:  # c10d orders ranks by the address each node gives
+        assert argv[argv.index("--local-addr") + 1] == "127.0.0.3"
+        assert argv[argv.index("--rdzv-endpoint") + 1].startswith("127.0.0.2:")
+        assert argv[argv.index("--rdzv-id") + 1] == job_id
     assert set(config["versions"]) == {"lab0", "lab1", "lab2"}
     # Every node's log came home, each line prefixed with its node (and rank).
     ranks = set()

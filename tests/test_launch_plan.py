@@ -30,13 +30,11 @@ def test_homelab_plan_works_out_ranks_and_rendezvous(homelab):
         "-m", "torch.distributed.run", "--nnodes", "3", "--nproc-per-node", "1",
         "--max-restarts", "0", "--tee", "3",
         "--log-dir", "data/experiments/exp1_20260120_120000/nodes/gpu1/torchrun",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "192.168.1.100:29500",
-        "--rdzv-id", "exp1_20260120_120000", "--rdzv-conf", "is_host=0",
-        "--local-addr", "192.168.1.101",
+        "--node-rank", "1", "--master-addr", "192.168.1.100", "--master-port", "29500",
         "scripts/train_single_test.py", "--epochs", "3",
     ]
-    # The host node runs the rendezvous store beside torchrun, so it outlives every agent.
-    assert plans[0].store[-3:] == ["192.168.1.100", "29500", "60"] and plans[1].store is None
+    # The static rendezvous's store is rank 0's agent: no store of UGRO's own.
+    assert [p.store for p in plans] == [None, None, None]
     assert plans[1].env["NCCL_SOCKET_IFNAME"] == "eno1"
     command = SSHBackend(homelab).command_line("exp1_20260120_120000", plans[1])
     assert command.startswith("cd /home/ob/projects/UGRO || exit 1; ")
@@ -45,20 +43,38 @@ def test_homelab_plan_works_out_ranks_and_rendezvous(homelab):
     assert plans[1].env["UGRO_JOB_NAME"] == "exp1"
 
 
-def test_subset_of_nodes_and_static_backend(homelab, tmp_path):
+def arg(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def c10d(homelab_text: str) -> str:
+    return homelab_text.replace("rdzv_backend: static", "rdzv_backend: c10d")
+
+
+def test_subset_of_nodes_is_ranked_from_zero(homelab):
     cfg = LaunchConfig(name="x", script="s.py", nodes="gpu2,gpu1", lr=0.01,
                        script_args=("--foo", "a b"))
     plans = plan(homelab, cfg, "x_1", 29501)
     assert [p.node.name for p in plans] == ["gpu1", "gpu2"]  # rank order, not typed order
-    assert plans[0].argv[plans[0].argv.index("--rdzv-endpoint") + 1] == "192.168.1.101:29501"
+    assert [arg(p.argv, "--node-rank") for p in plans] == ["0", "1"]
+    assert {arg(p.argv, "--master-addr") for p in plans} == {"192.168.1.101"}
+    assert {arg(p.argv, "--master-port") for p in plans} == {"29501"}
     # Only what was given for this launch: no --output-dir, no defaults.
     assert plans[0].argv[-5:] == ["s.py", "--lr", "0.01", "--foo", "a b"]
-    text = (ROOT / "config/examples/homelab.yaml").read_text().replace(
-        "rdzv_backend: c10d", "rdzv_backend: static")
-    static = parse_cluster(text, Path("h.yaml"), ROOT)
-    argv = plan(static, cfg, "x_1", 29501)[1].argv
-    assert argv[argv.index("--node-rank") + 1] == "1"
-    assert argv[argv.index("--master-addr") + 1] == "192.168.1.101"
+
+
+def test_c10d_backend_has_its_own_store_and_orders_ranks_by_address(homelab):
+    text = c10d((ROOT / "config/examples/homelab.yaml").read_text())
+    cluster = parse_cluster(text, Path("h.yaml"), ROOT)
+    cfg = LaunchConfig(name="x", script="s.py", nodes="gpu2,gpu1")
+    plans = plan(cluster, cfg, "x_1", 29501)
+    argv = plans[1].argv
+    assert argv[argv.index("--rdzv-backend"):argv.index("s.py")] == [
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "192.168.1.101:29501",
+        "--rdzv-id", "x_1", "--rdzv-conf", "is_host=0", "--local-addr", "192.168.1.102"]
+    assert "--node-rank" not in argv  # c10d would ignore it
+    # The host node runs the rendezvous store beside torchrun, so it outlives every agent.
+    assert plans[0].store[-3:] == ["192.168.1.101", "29501", "60"] and plans[1].store is None
 
 
 def test_uneven_ranks_are_refused_unless_explicit(homelab):
@@ -179,12 +195,12 @@ Root Cause (first observed failure):
 def test_rendezvous_is_on_the_lowest_ranked_chosen_node(homelab):
     cfg = LaunchConfig(name="x", script="s.py", nodes="gpu2")
     (only,) = plan(homelab, cfg, "x_1", 29500)
-    assert only.argv[only.argv.index("--rdzv-endpoint") + 1] == "192.168.1.102:29500"
-    assert only.store is not None
+    assert arg(only.argv, "--master-addr") == "192.168.1.102"
+    assert arg(only.argv, "--node-rank") == "0"
     # A master that does not train is never in a plan; the first worker hosts.
     text = (ROOT / "config/examples/homelab.yaml").read_text().replace(
         "  train: true ", "  train: false ", 1)
     control_only = parse_cluster(text, Path("h.yaml"), ROOT)
     plans = plan(control_only, LaunchConfig(name="x", script="s.py"), "x_1", 29500)
     assert [p.node.name for p in plans] == ["gpu1", "gpu2"]
-    assert plans[0].argv[plans[0].argv.index("--rdzv-endpoint") + 1] == "192.168.1.101:29500"
+    assert {arg(p.argv, "--master-addr") for p in plans} == {"192.168.1.101"}

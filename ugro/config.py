@@ -109,7 +109,7 @@ class Cluster:
     nodes: tuple[Node, ...]  # training nodes, ordered by rank
     master: Node  # hosts the rendezvous; rank 0
     master_port: int = 29500
-    rdzv_backend: str = "c10d"
+    rdzv_backend: str = "static"  # or "c10d" (see README, "How a launch works")
     health_timeout: float = 5.0
     known_hosts: str = "~/.ssh/known_hosts"
     port_policy: str = "next-free"  # or "refuse": what a busy master port does
@@ -258,7 +258,7 @@ def parse_cluster(text: str, source: Path, project_root: Path | None = None) -> 
         ranks = ", ".join(str(n.rank) for n in nodes)
         top.fail("workers", f"node ranks must be 0..{len(nodes) - 1}, got {ranks}")
 
-    backend = settings.string("rdzv_backend", "c10d")
+    backend = settings.string("rdzv_backend", "static")
     if backend not in ("c10d", "static"):
         settings.fail("rdzv_backend", "must be c10d or static")
     policy = settings.string("port_policy", "next-free")

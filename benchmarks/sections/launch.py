@@ -41,9 +41,9 @@ def run_section(bench: Bench) -> list[Section]:
         table(["from the start of the launch command to …", "inv launch",
                "pdsh + torchrun", "UGRO ÷ pdsh", "target", "met"], rows),
         [f"pdsh + torchrun: `pdsh -R ssh -w {hosts}` running on each node the "
-         "torchrun command UGRO would (`ugro.plan.plan`: c10d rendezvous on lab0 and "
-         "`--local-addr`, lab0 running the rendezvous store beside its torchrun as UGRO "
-         "does; each node picks its line by its address in `$SSH_CONNECTION`), "
+         "torchrun command UGRO would (`ugro.plan.plan`, the cluster's default "
+         "rendezvous: static, `--node-rank` and `--master-addr` lab0; each node picks its "
+         "line by its address in `$SSH_CONNECTION`), "
          "i.e. a multi-node launch by hand.",
          "Running: a process with the job's tag (`UGRO_JOB_ID`) and torchrun's "
          "`LOCAL_RANK`/`RANK` in its environment exists for every rank (/proc, polled "
