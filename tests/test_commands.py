@@ -49,8 +49,8 @@ def node(project_path: str, **kw) -> Node:
     return Node(name="gpu1", host="127.0.0.101", user="ob", project_path=project_path, **kw)
 
 
-def sh(command: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, timeout=30)
+def sh(command: str, shell: str = "/bin/sh") -> subprocess.CompletedProcess:
+    return subprocess.run([shell, "-c", command], capture_output=True, text=True, timeout=30)
 
 
 def single_quoted(command: str) -> set[int]:
@@ -251,7 +251,13 @@ def test_job_ids_are_quoted():
         assert_only_single_quoted(script, job)
 
 
-# The scripts for real, under /bin/sh.
+# The scripts for real, under /bin/sh (dash on Debian); the stream's watcher also under bash,
+# a login shell's usual, where it naps with a builtin instead of `sleep`.
+
+
+@pytest.fixture(params=["/bin/sh", "/bin/bash"])
+def shell(request):
+    return request.param
 
 
 @pytest.fixture
@@ -307,9 +313,9 @@ def test_start_state_kill(local, job_id, reap):
     assert sh(watch_job(local, job_id, tick=0.05)).stdout.endswith(f"\n{EXIT_MARKER} killed\n")
 
 
-def test_watch_streams_output_and_exit_code(local, job_id, reap):
+def test_watch_streams_output_and_exit_code(local, job_id, reap, shell):
     pgid = start(local, job_id, ["sh", "-c", "echo out; exit 3"], reap)
-    out = sh(watch_job(local, job_id, tick=0.05))
+    out = sh(watch_job(local, job_id, tick=0.05), shell)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("out\n")
     assert out.stdout.endswith(f"\n{EXIT_MARKER} 3\n")
@@ -325,17 +331,27 @@ def test_watch_streams_output_and_exit_code(local, job_id, reap):
         f" metrics={int(metrics.stat().st_mtime)} ranks=0\n")
 
 
-def follow(command: str, env: dict | None = None) -> tuple[subprocess.Popen, float]:
-    p = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE,
+def follow(command: str, env: dict | None = None,
+           shell: str = "/bin/sh") -> tuple[subprocess.Popen, float]:
+    p = subprocess.Popen([shell, "-c", command], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env)
     return p, time.monotonic()
 
 
-def test_watch_sends_each_line_as_it_comes_and_the_state_beside_it(local, job_id, reap):
+def test_watch_sends_each_line_as_it_comes_and_the_state_beside_it(
+        local, job_id, reap, shell, tmp_path):
     from ugro.backends.ssh import STATE_RE
 
     pgid = start(local, job_id, ["sh", "-c", "echo first; sleep 2; echo second"], reap)
-    p, t0 = follow(watch_job(local, job_id, every=0.2, tick=0.05))
+    # A `sleep` that says so: the watcher's naps under bash start none.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    slept = tmp_path / "slept"
+    (fake / "sleep").write_text(
+        f'#!/bin/sh\necho "$@" >>{shlex.quote(str(slept))}\nexec /bin/sleep "$@"\n')
+    (fake / "sleep").chmod(0o755)
+    p, t0 = follow(watch_job(local, job_id, every=0.2, tick=0.05),
+                   env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}, shell=shell)
     assert p.stdout.readline() == "first\n"
     assert time.monotonic() - t0 < 1.5  # long before the job ends
     rest, err = p.communicate(timeout=30)
@@ -344,6 +360,7 @@ def test_watch_sends_each_line_as_it_comes_and_the_state_beside_it(local, job_id
     assert states and all(states), err  # stderr carries state lines and nothing else
     assert {m.group(1) for m in states} == {str(pgid)}
     assert states[0].group(3) == "1" and len(states) >= 5  # every 0.2 s while it ran
+    assert slept.exists() == (shell == "/bin/sh")  # dash has no `read -t`: it sleeps
 
 
 def test_watch_with_a_tail_that_cannot_follow_sends_every_byte(local, job_id, reap, tmp_path):
@@ -365,7 +382,7 @@ def test_watch_with_a_tail_that_cannot_follow_sends_every_byte(local, job_id, re
 
 
 def test_the_state_counts_the_ranks_torchrun_started_and_the_stream_says_so_at_once(
-        local, job_id, reap):
+        local, job_id, reap, shell):
     from ugro.backends.ssh import STATE_RE
 
     # torchrun makes one log directory per local rank just before it starts them.
@@ -373,7 +390,7 @@ def test_the_state_counts_the_ranks_torchrun_started_and_the_stream_says_so_at_o
     worker = f"sleep 1; mkdir -p {logs}/0 {logs}/1; sleep 30"
     start(local, job_id, ["sh", "-c", worker], reap)
     assert sh(job_state(local, job_id)).stdout.endswith(" ranks=0\n")
-    p, t0 = follow(watch_job(local, job_id, every=60, tick=0.05))
+    p, t0 = follow(watch_job(local, job_id, every=60, tick=0.05), shell=shell)
     counted = []
     for line in p.stderr:
         counted.append(int(STATE_RE.fullmatch(line.rstrip("\n")).group(7)))

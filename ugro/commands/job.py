@@ -146,9 +146,10 @@ def _state(job_id: str) -> str:
         'for rd in "$ra"[0-9]*/; do [ -d "$rd" ] && rn=$((rn+1)); done; '
         '[ $rn -gt $R ] && R=$rn; done; }\n'
         "state() { "
-        'E=$(cat "$D/exit_code" 2>/dev/null); G=$(tagged); '
+        # Builtins where they do: a running job's state costs the node two commands.
+        'E=; T=; if [ -e "$D/exit_code" ]; then { read -r E <"$D/exit_code"; } 2>/dev/null; '
+        'T=$(stat -c %Y "$D/exit_code" 2>/dev/null); fi; G=$(tagged); '
         'A=0; if alive || [ -n "$G" ]; then A=1; fi; '
-        'T=$(stat -c %Y "$D/exit_code" 2>/dev/null); '
         f"W=$(stat -c %Y {metrics} 2>/dev/null); S=0; "
         'for p in $G; do read -r l 2>/dev/null <"/proc/$p/stat" || continue; '
         'set -- ${l##*) }; [ "$1" = T ] && S=$((S+1)); done; '
@@ -187,14 +188,18 @@ def watch_job(node: Node, job_id: str, every: float = 2.0, tick: float = 0.25) -
         + f'marked() {{ s=$(wc -c <{f}); s=$((s-{MARKER_SPAN})); [ $s -lt 1 ] && s=1; '
         f'tail -c +$s {f} | grep -q "$M"; }}; '
         f": >>{f}; "  # the wrapper may not have opened it yet: follow it from the start
-        "( i=0; end=0; r=; while :; do ranks; "
+        # bash naps with its own `read -t` on a pipe nobody writes to: no `sleep` started
+        # four times a second on every node for as long as the job runs.
+        "( if [ -n \"$BASH_VERSION\" ] && eval 'exec 9<> <(:)' 2>/dev/null; then "
+        f"nap() {{ read -r -t {tick} -u 9 _; }}; else nap() {{ sleep {tick}; }}; fi; "
+        "i=0; end=0; r=; while :; do ranks; "
         f'  if [ $((i % {ticks})) -eq 0 ] || [ "$R" != "$r" ]; then state >&2; r=$R; fi; '
         '  { [ -e "$D/exit_code" ] || ! alive; } && end=$((end+1)); '
         "  if [ $end -gt 0 ]; then marked && break; "
         f"    if [ $end -gt {grace} ] && ! alive; then "
         '      C=$(cat "$D/exit_code" 2>/dev/null) || C=killed; '
         f"      printf '\\n%s %s\\n' \"$M\" \"${{C:-killed}}\" >>{f}; break; fi; fi; "
-        f"  sleep {tick}; i=$((i+1)); done ) & K=$!; "
+        "  nap; i=$((i+1)); done ) & K=$!; "
         "if tail ---disable-inotify --pid=$$ -c 0 /dev/null 2>/dev/null; then "
         f"  tail ---disable-inotify --pid=$K -s {tick} -c +1 -f {f}; "
         "else "
