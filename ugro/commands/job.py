@@ -146,7 +146,8 @@ def _state(job_id: str) -> str:
         'for rd in "$ra"[0-9]*/; do [ -d "$rd" ] && rn=$((rn+1)); done; '
         '[ $rn -gt $R ] && R=$rn; done; }\n'
         "state() { "
-        # Builtins where they do: a running job's state costs the node two commands.
+        # While the job runs, the exit code's file does not exist yet: the state starts
+        # only `tagged`'s greps and the metrics' stat, not cat and stat for it.
         'E=; T=; if [ -e "$D/exit_code" ]; then { read -r E <"$D/exit_code"; } 2>/dev/null; '
         'T=$(stat -c %Y "$D/exit_code" 2>/dev/null); fi; G=$(tagged); '
         'A=0; if alive || [ -n "$G" ]; then A=1; fi; '
