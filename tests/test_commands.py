@@ -49,8 +49,8 @@ def node(project_path: str, **kw) -> Node:
     return Node(name="gpu1", host="127.0.0.101", user="ob", project_path=project_path, **kw)
 
 
-def sh(command: str, shell: str = "/bin/sh") -> subprocess.CompletedProcess:
-    return subprocess.run([shell, "-c", command], capture_output=True, text=True, timeout=30)
+def sh(command: str, shell: tuple[str, ...] = ("/bin/sh",)) -> subprocess.CompletedProcess:
+    return subprocess.run([*shell, "-c", command], capture_output=True, text=True, timeout=30)
 
 
 def single_quoted(command: str) -> set[int]:
@@ -252,10 +252,13 @@ def test_job_ids_are_quoted():
 
 
 # The scripts for real, under /bin/sh (dash on Debian); the stream's watcher also under bash,
-# a login shell's usual, where it naps with a builtin instead of `sleep`.
+# a login shell's usual, where it naps with a builtin instead of `sleep`, and bash in POSIX
+# mode (a login shell of /bin/sh that is bash), where it may have to fall back.
+DASH = os.path.basename(os.path.realpath("/bin/sh")) == "dash"
 
 
-@pytest.fixture(params=["/bin/sh", "/bin/bash"])
+@pytest.fixture(params=[("/bin/sh",), ("/bin/bash",), ("/bin/bash", "--posix")],
+                ids=["sh", "bash", "bash-posix"])
 def shell(request):
     return request.param
 
@@ -332,8 +335,8 @@ def test_watch_streams_output_and_exit_code(local, job_id, reap, shell):
 
 
 def follow(command: str, env: dict | None = None,
-           shell: str = "/bin/sh") -> tuple[subprocess.Popen, float]:
-    p = subprocess.Popen([shell, "-c", command], stdout=subprocess.PIPE,
+           shell: tuple[str, ...] = ("/bin/sh",)) -> tuple[subprocess.Popen, float]:
+    p = subprocess.Popen([*shell, "-c", command], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env)
     return p, time.monotonic()
 
@@ -360,7 +363,30 @@ def test_watch_sends_each_line_as_it_comes_and_the_state_beside_it(
     assert states and all(states), err  # stderr carries state lines and nothing else
     assert {m.group(1) for m in states} == {str(pgid)}
     assert states[0].group(3) == "1" and len(states) >= 5  # every 0.2 s while it ran
-    assert slept.exists() == (shell == "/bin/sh")  # dash has no `read -t`: it sleeps
+    if shell == ("/bin/bash",):
+        assert not slept.exists()
+    elif shell == ("/bin/sh",) and DASH:
+        assert slept.exists()  # dash has no `read -t`: it sleeps
+
+
+@pytest.mark.skipif(not DASH, reason="/bin/sh is not dash")
+def test_watch_falls_back_to_sleep_where_the_bash_nap_cannot_be_set_up(local, job_id, reap,
+                                                                       tmp_path):
+    # dash that inherited BASH_VERSION parses bash's <(...) as an error, as bash before 5.1
+    # does in POSIX mode: the watcher must fall back, not die with the stream half sent.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    slept = tmp_path / "slept"
+    (fake / "sleep").write_text(
+        f'#!/bin/sh\necho "$@" >>{shlex.quote(str(slept))}\nexec /bin/sleep "$@"\n')
+    (fake / "sleep").chmod(0o755)
+    start(local, job_id, ["sh", "-c", "echo a; sleep 0.5; echo b; exit 5"], reap)
+    p, _ = follow(watch_job(local, job_id, every=0.2, tick=0.05),
+                  env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}",
+                       "BASH_VERSION": "4.4.20(1)-release"})
+    out, err = p.communicate(timeout=30)
+    assert (p.returncode, out) == (0, f"a\nb\n\n{EXIT_MARKER} 5\n"), err
+    assert slept.exists()
 
 
 def test_watch_with_a_tail_that_cannot_follow_sends_every_byte(local, job_id, reap, tmp_path):

@@ -45,13 +45,13 @@ def test_three_node_launch_completes(inv, lab_project, tmp_path, lab, backend):
     argv = config["nodes"]["lab1"]["argv"]
     assert config["cluster"]["rdzv_backend"] == backend
     assert config["nodes"]["lab1"]["node_rank"] == 1
+    assert argv[argv.index("--rdzv-id") + 1] == job_id
     if backend == "static":  # the node ranks are UGRO's; rank 0's agent holds the store
         assert argv[argv.index("--node-rank") + 1] == "1"
         assert argv[argv.index("--master-addr") + 1] == "127.0.0.2"
     else:  # c10d orders ranks by the address each node gives
         assert argv[argv.index("--local-addr") + 1] == "127.0.0.3"
         assert argv[argv.index("--rdzv-endpoint") + 1].startswith("127.0.0.2:")
-        assert argv[argv.index("--rdzv-id") + 1] == job_id
     assert set(config["versions"]) == {"lab0", "lab1", "lab2"}
     # Every node's log came home, each line prefixed with its node (and rank).
     ranks = set()
@@ -73,16 +73,19 @@ def test_three_node_launch_completes(inv, lab_project, tmp_path, lab, backend):
     assert tagged_pids(job_id) == []
 
 
-def test_crashing_rank_fails_the_job_fast_everywhere(inv, cluster):
+# Rank 0's node also holds the rendezvous store (static: in its torchrun agent): its crash
+# must still be blamed on it, not on the other nodes losing the store.
+@pytest.mark.parametrize("rank", [1, 0])
+def test_crashing_rank_fails_the_job_fast_everywhere(inv, cluster, rank):
     r = inv("launch", "--name", "crash", "--epochs", "1", "--nproc-per-node", "1",
             "--script-args", "--steps-per-epoch 1000 --sleep-per-step 0.2 "
-            "--crash-at-step 4 --crash-rank 1", cluster=cluster, timeout=300)
+            f"--crash-at-step 4 --crash-rank {rank}", cluster=cluster, timeout=300)
     assert r.returncode == 1
     job_id, meta = only_job(inv.data)
     assert meta["status"] == "FAILED"
     failure = meta["failure"]
-    assert failure["rank"] == 1 and failure["exit_code"] != 0
-    assert failure["node"] in ("lab0", "lab1", "lab2")
+    assert failure["rank"] == rank and failure["exit_code"] != 0
+    assert failure["node"] == f"lab{rank}"
     assert "failed first" in meta["error"]
     assert any("crash-at-step" in line for line in failure["log_tail"])
     # FAILED within 10 s of the crash; the other nodes were stopped, not waited for.
@@ -160,11 +163,13 @@ def test_unreachable_node_fails_preflight(inv, cluster, lab):
     assert not (inv.data / "experiments").exists()
 
 
-def test_killed_supervisor_is_reconciled_from_the_nodes(inv, cluster, lab):
+def test_killed_supervisor_is_reconciled_from_the_nodes(inv, lab_project, tmp_path, lab):
     from ugro.config import load_cluster
     from ugro.jobs import Jobs
     from ugro.lifecycle import reconcile
 
+    # c10d: its store on the host outlives torchrun, and the reconcile must stop it.
+    cluster = lab_project.cluster_file(tmp_path / "c10d.yaml", rdzv_backend="c10d")
     inv("launch", "--name", "orphan", "--nproc-per-node", "1", "--detach", "--script-args",
         "--steps-per-epoch 4", cluster=cluster, check=0)
     job_id, meta = only_job(inv.data)
@@ -175,6 +180,7 @@ def test_killed_supervisor_is_reconciled_from_the_nodes(inv, cluster, lab):
     wait_for(lambda: all(e.exists() for e in exits), 120)
     _, meta = only_job(inv.data)
     assert meta["status"] == "RUNNING"  # nobody has looked yet
+    assert tagged_pids(job_id)  # the store, still there
     meta = reconcile(Jobs(inv.data), load_cluster(cluster), job_id)
     assert meta["status"] == "COMPLETED"
     assert all(v["exit_code"] == 0 for v in meta["nodes"].values())

@@ -31,6 +31,7 @@ def test_homelab_plan_works_out_ranks_and_rendezvous(homelab):
         "--max-restarts", "0", "--tee", "3",
         "--log-dir", "data/experiments/exp1_20260120_120000/nodes/gpu1/torchrun",
         "--node-rank", "1", "--master-addr", "192.168.1.100", "--master-port", "29500",
+        "--rdzv-id", "exp1_20260120_120000",
         "scripts/train_single_test.py", "--epochs", "3",
     ]
     # The static rendezvous's store is rank 0's agent: no store of UGRO's own.

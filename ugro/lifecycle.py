@@ -251,8 +251,8 @@ def reconcile(jobs: Jobs, cluster: Cluster, job_id: str) -> dict:
 
     A cancel still pending is tried again. With its supervisor gone: nodes still running get
     a new supervisor; all ended, the final record is written from their exit-code files
-    (ended when the last of them ended) and the host's rendezvous store is stopped; a node
-    it lost is stopped once it answers again.
+    (ended when the last of them ended) and c10d's rendezvous store on the host is stopped;
+    a node it lost is stopped once it answers again.
     """
     meta = jobs.metadata(job_id)
     status = JobStatus.parse(meta["status"])
@@ -271,8 +271,8 @@ def reconcile(jobs: Jobs, cluster: Cluster, job_id: str) -> dict:
             spawn_supervisor(jobs, cluster, job_id)
             return jobs.metadata(job_id)
         states = backend.states(nodes, job_id)
-    # A node with an exit code has ended; what may live on there is the host's rendezvous
-    # store (up to a minute), which the final record's supervisor stops at once.
+    # A node with an exit code has ended; what may live on there is c10d's rendezvous store
+    # on the host (up to a minute), which the final record's supervisor stops at once.
     if any(s.alive and s.exit_code is None for s in states.values()):
         spawn_supervisor(jobs, cluster, job_id)
         return jobs.metadata(job_id)

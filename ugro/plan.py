@@ -220,7 +220,9 @@ def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[No
             ]
         else:
             argv += ["--node-rank", str(node_rank),
-                     "--master-addr", master.host, "--master-port", str(port)]
+                     "--master-addr", master.host, "--master-port", str(port),
+                     # The workers' TORCHELASTIC_RUN_ID and the store's key prefix.
+                     "--rdzv-id", job_id]
         argv += cfg.script_argv()
         env = rank_env(node, cfg)
         store = None

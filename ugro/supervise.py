@@ -103,9 +103,9 @@ class Supervisor:
             reachable = [n for n in self.nodes if self.codes[n.name] != "lost"]
             stops = None
             if not self.schedules and reachable:
-                # Every node has ended; what may live on goes now: the rendezvous store beside
-                # the host's torchrun, a hung node's stopped processes, workers whose agent
-                # was killed.
+                # Every node has ended; what may live on goes now: c10d's rendezvous store
+                # beside the host's torchrun, a hung node's stopped processes, workers whose
+                # agent was killed.
                 stops = self._stop_host_last(killer, reachable)
             self._fetch_outputs(killer, reachable)
             meta = self._retrying(lambda: self._final(killer, reachable, stops))
@@ -299,8 +299,9 @@ class Supervisor:
             self._stop_host_last(backend, others)
 
     def _stop_host_last(self, backend: Backend, nodes: list[Node]) -> dict[str, str]:
-        """Stop `nodes`, the rendezvous host last: the store beside its torchrun must outlive
-        the other nodes' agents, or their shutdown ends in rendezvous errors in the logs.
+        """Stop `nodes`, the rendezvous host last: the store there (rank 0's agent; with c10d
+        UGRO's own beside it) must outlive the other nodes' agents, or their shutdown ends in
+        rendezvous errors in the logs.
         Each node's answer, as `Backend.stop` gives it."""
         host = self.nodes[0]
         rest = [n for n in nodes if n is not host]

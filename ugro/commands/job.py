@@ -190,8 +190,11 @@ def watch_job(node: Node, job_id: str, every: float = 2.0, tick: float = 0.25) -
         f'tail -c +$s {f} | grep -q "$M"; }}; '
         f": >>{f}; "  # the wrapper may not have opened it yet: follow it from the start
         # bash naps with its own `read -t` on a pipe nobody writes to: no `sleep` started
-        # four times a second on every node for as long as the job runs.
-        "( if [ -n \"$BASH_VERSION\" ] && eval 'exec 9<> <(:)' 2>/dev/null; then "
+        # four times a second on every node for as long as the job runs. `command` keeps a
+        # shell that cannot (bash before 5.1 as sh: no <(...) in POSIX mode) from exiting
+        # on the error, so it falls back to sleep.
+        "( if [ -n \"$BASH_VERSION\" ] && "
+        "command eval 'command exec 9<> <(:)' 2>/dev/null; then "
         f"nap() {{ read -r -t {tick} -u 9 _; }}; else nap() {{ sleep {tick}; }}; fi; "
         "i=0; end=0; r=; while :; do ranks; "
         f'  if [ $((i % {ticks})) -eq 0 ] || [ "$R" != "$r" ]; then state >&2; r=$R; fi; '
