@@ -341,20 +341,24 @@ def follow(command: str, env: dict | None = None,
     return p, time.monotonic()
 
 
-def test_watch_sends_each_line_as_it_comes_and_the_state_beside_it(
-        local, job_id, reap, shell, tmp_path):
-    from ugro.backends.ssh import STATE_RE
-
-    pgid = start(local, job_id, ["sh", "-c", "echo first; sleep 2; echo second"], reap)
-    # A `sleep` that says so: the watcher's naps under bash start none.
+def telling_sleep(tmp_path: Path) -> tuple[dict, Path]:
+    """An environment whose `sleep` notes each call in the returned file, then sleeps."""
     fake = tmp_path / "bin"
     fake.mkdir()
     slept = tmp_path / "slept"
     (fake / "sleep").write_text(
         f'#!/bin/sh\necho "$@" >>{shlex.quote(str(slept))}\nexec /bin/sleep "$@"\n')
     (fake / "sleep").chmod(0o755)
-    p, t0 = follow(watch_job(local, job_id, every=0.2, tick=0.05),
-                   env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}, shell=shell)
+    return {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}, slept
+
+
+def test_watch_sends_each_line_as_it_comes_and_the_state_beside_it(
+        local, job_id, reap, shell, tmp_path):
+    from ugro.backends.ssh import STATE_RE
+
+    pgid = start(local, job_id, ["sh", "-c", "echo first; sleep 2; echo second"], reap)
+    env, slept = telling_sleep(tmp_path)  # the watcher's naps under bash start no `sleep`
+    p, t0 = follow(watch_job(local, job_id, every=0.2, tick=0.05), env=env, shell=shell)
     assert p.stdout.readline() == "first\n"
     assert time.monotonic() - t0 < 1.5  # long before the job ends
     rest, err = p.communicate(timeout=30)
@@ -374,16 +378,10 @@ def test_watch_falls_back_to_sleep_where_the_bash_nap_cannot_be_set_up(local, jo
                                                                        tmp_path):
     # dash that inherited BASH_VERSION parses bash's <(...) as an error, as bash before 5.1
     # does in POSIX mode: the watcher must fall back, not die with the stream half sent.
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    slept = tmp_path / "slept"
-    (fake / "sleep").write_text(
-        f'#!/bin/sh\necho "$@" >>{shlex.quote(str(slept))}\nexec /bin/sleep "$@"\n')
-    (fake / "sleep").chmod(0o755)
+    env, slept = telling_sleep(tmp_path)
     start(local, job_id, ["sh", "-c", "echo a; sleep 0.5; echo b; exit 5"], reap)
     p, _ = follow(watch_job(local, job_id, every=0.2, tick=0.05),
-                  env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}",
-                       "BASH_VERSION": "4.4.20(1)-release"})
+                  env={**env, "BASH_VERSION": "4.4.20(1)-release"})
     out, err = p.communicate(timeout=30)
     assert (p.returncode, out) == (0, f"a\nb\n\n{EXIT_MARKER} 5\n"), err
     assert slept.exists()
