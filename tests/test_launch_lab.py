@@ -73,6 +73,41 @@ def test_three_node_launch_completes(inv, lab_project, tmp_path, lab, backend):
     assert tagged_pids(job_id) == []
 
 
+# Widens torch's exit-barrier race (pytorch/pytorch#69520) from a scheduling accident to a
+# certainty: this node's agent arrives late, and after marking the barrier passed, naps before
+# its last call to rank 0's store.
+LATE_TO_THE_BARRIER = """
+import time
+import torch.distributed.elastic.utils.store as s
+barrier = s._barrier_nonblocking
+def late(*a, **k):
+    time.sleep(1)
+    key = barrier(*a, **k)
+    time.sleep(1)
+    return key
+s._barrier_nonblocking = late
+"""
+
+
+def test_rank_0_leaves_the_exit_barrier_last(inv, lab_project, tmp_path):
+    site = tmp_path / "late"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(LATE_TO_THE_BARRIER)
+    env = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(site)}
+    cluster = lab_project.cluster_file(tmp_path / "lab.yaml", node_overrides={
+        "lab1": {"env": env}, "lab2": {"env": env}})
+    r = inv("launch", "--name", "late", "--epochs", "1", "--nproc-per-node", "1",
+            "--script-args", FAST, cluster=cluster, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id, meta = only_job(inv.data)
+    assert meta["status"] == "COMPLETED"
+    logs = "".join(p.read_text() for p in (inv.data / "experiments" / job_id / "logs").glob("*"))
+    # Rank 0's agent waited for the late ones: none lost the store in its last call.
+    for noise in ("exit barrier", "Connection reset", "frame #", "Traceback"):
+        assert noise not in logs, noise
+    assert tagged_pids(job_id) == []
+
+
 # Rank 0's node also holds the rendezvous store (static: in its torchrun agent): its crash
 # must still be blamed on it, not on the other nodes losing the store.
 @pytest.mark.parametrize("rank", [1, 0])

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from ugro import commands
 from ugro.backends.ssh import SSHBackend
 from ugro.config import load_cluster, parse_cluster
 from ugro.errors import UgroError
@@ -27,7 +28,7 @@ def test_homelab_plan_works_out_ranks_and_rendezvous(homelab):
         ("gpu-master", 0, 1), ("gpu1", 1, 1), ("gpu2", 2, 1)]
     assert plans[1].argv == [
         "pixi", "run", "--frozen", "-e", "default", "python",
-        "-m", "torch.distributed.run", "--nnodes", "3", "--nproc-per-node", "1",
+        "-c", commands.TORCHRUN_STATIC, "--nnodes", "3", "--nproc-per-node", "1",
         "--max-restarts", "0", "--tee", "3",
         "--log-dir", "data/experiments/exp1_20260120_120000/nodes/gpu1/torchrun",
         "--node-rank", "1", "--master-addr", "192.168.1.100", "--master-port", "29500",
@@ -74,6 +75,8 @@ def test_c10d_backend_has_its_own_store_and_orders_ranks_by_address(homelab):
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "192.168.1.101:29501",
         "--rdzv-id", "x_1", "--rdzv-conf", "is_host=0", "--local-addr", "192.168.1.102"]
     assert "--node-rank" not in argv  # c10d would ignore it
+    # Plain torchrun: the store below outlives every agent, none has to leave last.
+    assert argv[argv.index("python") + 1:][:2] == ["-m", "torch.distributed.run"]
     # The host node runs the rendezvous store beside torchrun, so it outlives every agent.
     assert plans[0].store[-3:] == ["192.168.1.101", "29501", "60"] and plans[1].store is None
 

@@ -199,8 +199,10 @@ def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[No
     plans = []
     for node_rank, node in enumerate(nodes):
         d = commands.node_job_dir(node, job_id)
-        argv = node.python.argv() + [
-            "-m", "torch.distributed.run",
+        # Under static, torchrun with rank 0's agent leaving last (`TORCHRUN_STATIC`).
+        torchrun = (["-m", "torch.distributed.run"] if cluster.rdzv_backend == "c10d"
+                    else ["-c", commands.TORCHRUN_STATIC])
+        argv = node.python.argv() + torchrun + [
             "--nnodes", str(len(nodes)),
             "--nproc-per-node", str(procs[node.name]),
             "--max-restarts", "0",

@@ -12,6 +12,7 @@ preflight, the monitor's sample); `job`: a job's processes and files on a node;
 
 from .job import (  # noqa: F401
     RDZV_STORE,
+    TORCHRUN_STATIC,
     job_output,
     job_path,
     job_state,

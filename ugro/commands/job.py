@@ -87,6 +87,41 @@ while not os.path.exists(done):
 time.sleep(grace)
 """
 
+# torchrun for the static rendezvous (`python -c TORCHRUN_STATIC <torchrun's options>`).
+# There the store lives in node rank 0's agent, and torch's exit barrier lets that agent
+# leave, taking the store with it, while the last agent to arrive is still waiting on it
+# (pytorch/pytorch#69520): a job that succeeded ends with "Connection reset by peer", a
+# traceback and C++ frames on that node. Here every other agent says it has left once the
+# barrier is passed, and rank 0's agent waits for that (30 s at most) before it ends. An
+# error after the barrier is passed loses nothing and prints nothing; a signal still ends
+# the agent. No single quotes: `pixi run` passes its arguments through a shell.
+TORCHRUN_STATIC = r"""
+import sys
+from datetime import timedelta
+from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.run import main
+barrier = getattr(SimpleElasticAgent, "_exit_barrier", None)
+def leave_last(agent):
+    barrier(agent)
+    group, store, left = agent._worker_group, agent._store, "ugro/left"
+    try:
+        if group.group_world_size < 2:
+            return
+        if group.group_rank == 0:
+            store.wait([left], timedelta(seconds=30))
+        elif store.add(left + "/count", 1) == group.group_world_size - 1:
+            store.set(left, "1")
+    except SignalException:
+        raise
+    except Exception:
+        pass
+if barrier is not None:
+    SimpleElasticAgent._exit_barrier = leave_last
+sys.argv[0] = "torchrun"
+main()
+"""
+
 
 def start_job(node: Node, job_id: str, argv: list[str], env: dict[str, str],
               store: list[str] | None = None) -> str:
