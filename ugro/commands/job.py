@@ -92,12 +92,12 @@ time.sleep(grace)
 # leave, taking the store with it, while the last agent to arrive is still waiting on it
 # (pytorch/pytorch#69520): a job that succeeded ends with "Connection reset by peer", a
 # traceback and C++ frames on that node. Here every other agent says it has left once the
-# barrier is passed, and rank 0's agent waits for that (30 s at most) before it ends. An
-# error after the barrier is passed loses nothing and prints nothing; a signal still ends
-# the agent. No single quotes: `pixi run` passes its arguments through a shell.
+# barrier is passed, and rank 0's agent looks for that (30 s at most, in naps a signal
+# ends) before it ends. An error after the barrier is passed loses nothing and prints
+# nothing. Nothing a shell would expand or end early (no single quote, `$`, backtick or
+# backslash): `pixi run` passes its arguments through one.
 TORCHRUN_STATIC = r"""
-import sys
-from datetime import timedelta
+import sys, time
 from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.run import main
@@ -109,7 +109,9 @@ def leave_last(agent):
         if group.group_world_size < 2:
             return
         if group.group_rank == 0:
-            store.wait([left], timedelta(seconds=30))
+            until = time.monotonic() + 30
+            while not store.check([left]) and time.monotonic() < until:
+                time.sleep(0.05)
         elif store.add(left + "/count", 1) == group.group_world_size - 1:
             store.set(left, "1")
     except SignalException:
