@@ -356,11 +356,11 @@ def test_watch_sends_each_line_as_it_comes_and_the_state_beside_it(
         local, job_id, reap, shell, tmp_path):
     from ugro.backends.ssh import STATE_RE
 
-    pgid = start(local, job_id, ["sh", "-c", "echo first; sleep 2; echo second"], reap)
+    pgid = start(local, job_id, ["sh", "-c", "echo first; sleep 4; echo second"], reap)
     env, slept = telling_sleep(tmp_path)  # the watcher's naps under bash start no `sleep`
     p, t0 = follow(watch_job(local, job_id, every=0.2, tick=0.05), env=env, shell=shell)
     assert p.stdout.readline() == "first\n"
-    assert time.monotonic() - t0 < 1.5  # long before the job ends
+    assert time.monotonic() - t0 < 3  # long before the job ends
     rest, err = p.communicate(timeout=30)
     assert rest == f"second\n\n{EXIT_MARKER} 0\n"
     states = [STATE_RE.fullmatch(line) for line in err.splitlines()]
@@ -406,22 +406,26 @@ def test_watch_with_a_tail_that_cannot_follow_sends_every_byte(local, job_id, re
 
 
 def test_the_state_counts_the_ranks_torchrun_started_and_the_stream_says_so_at_once(
-        local, job_id, reap, shell):
+        local, job_id, reap, shell, tmp_path):
     from ugro.backends.ssh import STATE_RE
 
-    # torchrun makes one log directory per local rank just before it starts them.
+    # torchrun makes one log directory per local rank just before it starts them; here
+    # once the stream's first line has been read.
     logs = f"{node_job_dir(local, job_id)}/torchrun/{job_id}_x/attempt_0"
-    worker = f"sleep 1; mkdir -p {logs}/0 {logs}/1; sleep 30"
+    go = shlex.quote(str(tmp_path / "go"))
+    worker = f"while [ ! -e {go} ]; do sleep 0.05; done; mkdir -p {logs}/0 {logs}/1; sleep 30"
     start(local, job_id, ["sh", "-c", worker], reap)
     assert sh(job_state(local, job_id)).stdout.endswith(" ranks=0\n")
-    p, t0 = follow(watch_job(local, job_id, every=60, tick=0.05), shell=shell)
-    counted = []
-    for line in p.stderr:
-        counted.append(int(STATE_RE.fullmatch(line.rstrip("\n")).group(7)))
-        if counted[-1] == 2:
-            break
-    # The first line at once, the next as soon as the count changed (not 60 s later).
-    assert counted == [0, 2] and time.monotonic() - t0 < 10
+    p, _ = follow(watch_job(local, job_id, every=60, tick=0.05), shell=shell)
+
+    def ranks() -> int:
+        return int(STATE_RE.fullmatch(p.stderr.readline().rstrip("\n")).group(7))
+
+    assert ranks() == 0  # the first line at once
+    (tmp_path / "go").touch()
+    t0 = time.monotonic()
+    # The next as soon as the count changed (not 60 s later).
+    assert ranks() == 2 and time.monotonic() - t0 < 10
     assert sh(job_state(local, job_id)).stdout.endswith(" ranks=2\n")
     # A restart makes attempt_1: the ranks of one attempt are counted, not of all.
     root = Path(local.project_path) / logs.replace("attempt_0", "attempt_1")

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -70,9 +70,14 @@ def descendants(pid: int) -> list[int]:
 @contextmanager
 def frozen(node):
     """The node's sshd and its sessions stopped (SIGSTOP), as a hung machine looks over SSH."""
-    pids = [p for p in descendants(node.proc.pid) if b"sshd" in (procs.cmdline(p) or b"")]
-    for p in pids:
-        os.kill(p, signal.SIGSTOP)
+    pids = []
+    for p in descendants(node.proc.pid):
+        if b"sshd" in (procs.cmdline(p) or b""):
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue  # a session that was ending as we looked
+            pids.append(p)
     try:
         yield
     finally:
@@ -157,11 +162,12 @@ def test_a_silent_node_is_lost_fast_and_stopped_when_it_is_back(inv, cluster, la
 def test_stopped_rank_processes_fail_the_job(inv, cluster):
     job_id = launch_detached(inv, cluster, "hung")
     mine = [p for p in tagged_pids(job_id)
-            if b"UGRO_NODE=lab1" in (open(f"/proc/{p}/environ", "rb").read())]
+            if (procs.environ(p) or {}).get(b"UGRO_NODE") == b"lab1"]
     try:
         t0 = time.monotonic()
         for p in mine:
-            os.kill(p, signal.SIGSTOP)
+            with suppress(ProcessLookupError):  # a short-lived one, gone
+                os.kill(p, signal.SIGSTOP)
         meta = wait_for(lambda: (m := meta_of(inv.data, job_id))["status"] != "RUNNING" and m, 60)
         detect = time.monotonic() - t0
         assert meta["status"] == "FAILED"

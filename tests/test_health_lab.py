@@ -36,7 +36,7 @@ def test_health_table_and_drift(lab, inv, tmp_path):
 
 
 def test_stopped_node_is_unreachable_within_timeout_others_fine(lab, inv, tmp_path):
-    cluster = lab.cluster_file(tmp_path / "c.yaml", timeout=2)
+    cluster = lab.cluster_file(tmp_path / "c.yaml", timeout=10)
     lab.stop_node(lab.nodes[1])
     try:
         start = time.monotonic()

@@ -11,7 +11,7 @@ import time
 from datetime import datetime
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -83,9 +83,10 @@ def test_after_chain_runs_in_order_and_a_failed_predecessor_cancels_its_dependen
     inv("launch", "--name", "second", *one, "--after", "first", *SHORT, cluster=cluster, check=0)
     inv("launch", "--name", "crash", "--nodes", "lab0", "--queue", "--detach",
         "--nproc-per-node", "1",
-        # Fails ~4 s into training: after dep1 and dep2 are queued behind it.
+        # Fails ~8 s into training: after dep1 and dep2 are queued behind it, even on a
+        # loaded machine.
         "--script-args",
-        "--steps-per-epoch 10 --crash-at-step 8 --crash-rank 0 --sleep-per-step 0.5",
+        "--steps-per-epoch 20 --crash-at-step 16 --crash-rank 0 --sleep-per-step 0.5",
         cluster=cluster, check=0)
     inv("launch", "--name", "dep1", *one, "--after", "crash", *SHORT, cluster=cluster, check=0)
     inv("launch", "--name", "dep2", "--nodes", "lab1", "--queue", "--detach", "--after", "dep1",
@@ -108,7 +109,7 @@ def test_after_chain_runs_in_order_and_a_failed_predecessor_cancels_its_dependen
 def test_queued_job_is_cancelled_and_the_queue_survives_a_killed_supervisor(inv, cluster, lab):
     nodes = ("--nodes", "lab0", "--queue", "--detach")
     inv("launch", "--name", "holder", *nodes, "--nproc-per-node", "1",
-        "--script-args", "--steps-per-epoch 8 --sleep-per-step 0.5", cluster=cluster, check=0)
+        "--script-args", "--steps-per-epoch 16 --sleep-per-step 0.5", cluster=cluster, check=0)
     inv("launch", "--name", "dropped", *nodes, *SHORT, cluster=cluster, check=0)
     inv("launch", "--name", "next", *nodes, *SHORT, cluster=cluster, check=0)
     r = inv("cancel", "dropped", cluster=cluster, check=0)
@@ -118,7 +119,9 @@ def test_queued_job_is_cancelled_and_the_queue_survives_a_killed_supervisor(inv,
     assert not list(lab.nodes[0].project.glob(f"data/experiments/{dropped['job_id']}"))
     holder = record(inv.data, "holder")
     os.kill(holder["supervisor_pid"], signal.SIGKILL)
-    time.sleep(7)  # holder ends on its node; nobody is watching
+    # Holder ends on its node; nobody is watching.
+    wait_for(lambda: (lab.nodes[0].project / "data/experiments" / holder["job_id"]
+                      / "nodes/lab0/exit_code").exists(), timeout=90)
     assert record(inv.data, "next")["status"] == "QUEUED"
     inv("status", cluster=cluster, check=0)  # reconciles holder, which kicks a pass
     metas = wait_status(inv.data, ["holder", "next"], timeout=120)

@@ -86,8 +86,9 @@ def test_a_silent_job_is_flagged_stalled_and_unflagged_when_it_speaks(inv, clust
 
         meta = wait_for(stalled_after_sleeping)
         flagged_in = time.monotonic() - silent_at
-        # --stall-after, the other node's last line, and two of the supervisor's 2 s rounds.
-        assert meta["status"] == "RUNNING" and flagged_in < 3 + 1 + 2 * 2 + 1, flagged_in
+        # --stall-after, the other node's last line, two of the supervisor's 2 s rounds, and
+        # room for a loaded machine: well before the job speaks again, 15 s after its last.
+        assert meta["status"] == "RUNNING" and flagged_in < 3 + 1 + 2 * 2 + 4, flagged_in
         print(f"flagged stalled {flagged_in:.1f}s after its last line (--stall-after 3s)")
         view = json.loads(inv("status", "--json", cluster=cluster, check=0).stdout)
         (running,) = view["running"]
@@ -100,7 +101,7 @@ def test_a_silent_job_is_flagged_stalled_and_unflagged_when_it_speaks(inv, clust
         # It speaks again: plain running, everywhere.
         wait_for(lambda: "awake" in logs_of(inv.data, job_id), timeout=40)
         meta = wait_for(lambda: "stalled_since" not in (m := meta_of(inv.data, job_id)) and m,
-                        timeout=5)
+                        timeout=15)
         assert meta["status"] == "RUNNING", meta
         wait_for(lambda: f"{line} 0.0" in metrics(mon), timeout=10)
         assert not json.loads(inv("status", "--json", cluster=cluster,
@@ -152,7 +153,7 @@ def test_inv_status_answers_from_the_monitor_without_probing(inv, project, tmp_p
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         view = json.loads(r.stdout)
-    assert view["source"]["from"] == "monitor" and view["source"]["age_s"] < 3
+    assert view["source"]["from"] == "monitor" and view["source"]["age_s"] < 5
     assert [n["node"] for n in view["nodes"]] == ["lab0", "lab1", "lab2"]
     assert all(n["healthy"] for n in view["nodes"])
     assert [g["name"] for g in view["nodes"][1]["gpus"]] == ["NVIDIA GeForce RTX 3090"] * 2

@@ -81,10 +81,12 @@ def test_sync_three_nodes_delta_only_and_delete_only_when_asked(lab, tmp_path):
     second = sync_code(cluster, cluster.nodes, root)
     assert [(s.result, s.changed, s.deleted) for s in second] == [("up to date", [], [])] * 3
 
-    (root / "scripts/train.py").write_text("print('v2')\n")
+    # A new size: rsync's quick check (size, whole-second mtime) could miss a same-size
+    # edit made within the second of the first sync.
+    (root / "scripts/train.py").write_text("print('version 2')\n")
     changed = sync_code(cluster, cluster.nodes, root)
     assert [s.changed for s in changed] == [["scripts/train.py"]] * 3
-    assert all((p / "scripts/train.py").read_text() == "print('v2')\n" for p in projects)
+    assert all((p / "scripts/train.py").read_text() == "print('version 2')\n" for p in projects)
 
     (root / "scripts/old.py").unlink()
     kept = sync_code(cluster, cluster.nodes, root)
