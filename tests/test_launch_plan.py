@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -208,3 +210,11 @@ def test_rendezvous_is_on_the_lowest_ranked_chosen_node(homelab):
     plans = plan(control_only, LaunchConfig(name="x", script="s.py"), "x_1", 29500)
     assert [p.node.name for p in plans] == ["gpu1", "gpu2"]
     assert {arg(p.argv, "--master-addr") for p in plans} == {"192.168.1.101"}
+
+
+def test_static_torchrun_is_torchrun_and_nothing_in_it_needs_quoting_for_a_shell():
+    # `pixi run` re-joins its arguments for a shell: nothing that would expand or end a quote.
+    assert not set("'$`\\") & set(commands.TORCHRUN_STATIC)
+    r = subprocess.run([sys.executable, "-c", commands.TORCHRUN_STATIC, "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: torchrun "), r.stderr

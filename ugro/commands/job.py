@@ -94,14 +94,18 @@ time.sleep(grace)
 # traceback and C++ frames on that node. Here every other agent says it has left once the
 # barrier is passed, and rank 0's agent looks for that (30 s at most, in naps a signal
 # ends) before it ends. An error after the barrier is passed loses nothing and prints
-# nothing. Nothing a shell would expand or end early (no single quote, `$`, backtick or
-# backslash): `pixi run` passes its arguments through one.
+# nothing; a torch without these internals runs plain torchrun. Nothing a shell would
+# expand or end early (no single quote, `$`, backtick or backslash): `pixi run` passes its
+# arguments through one.
 TORCHRUN_STATIC = r"""
 import sys, time
-from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
-from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.run import main
-barrier = getattr(SimpleElasticAgent, "_exit_barrier", None)
+try:
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+    from torch.distributed.elastic.multiprocessing import SignalException
+    barrier = SimpleElasticAgent._exit_barrier
+except (ImportError, AttributeError):
+    barrier = None
 def leave_last(agent):
     barrier(agent)
     group, store, left = agent._worker_group, agent._store, "ugro/left"
