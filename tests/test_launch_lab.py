@@ -93,9 +93,9 @@ def test_rank_0_leaves_the_exit_barrier_last(inv, lab_project, tmp_path):
     site = tmp_path / "late"
     site.mkdir()
     (site / "sitecustomize.py").write_text(LATE_TO_THE_BARRIER)
-    env = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(site)}
-    cluster = lab_project.cluster_file(tmp_path / "lab.yaml", node_overrides={
-        "lab1": {"env": env}, "lab2": {"env": env}})
+    late = {n.name: {"env": {**lab_project.node_config(n)["env"], "PYTHONPATH": str(site)}}
+            for n in lab_project.nodes[1:]}
+    cluster = lab_project.cluster_file(tmp_path / "lab.yaml", node_overrides=late)
     r = inv("launch", "--name", "late", "--epochs", "1", "--nproc-per-node", "1",
             "--script-args", FAST, cluster=cluster, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -199,39 +199,40 @@ def plan(cluster: Cluster, cfg: LaunchConfig, job_id: str, port: int) -> list[No
     plans = []
     for node_rank, node in enumerate(nodes):
         d = commands.node_job_dir(node, job_id)
-        # Under static, torchrun with rank 0's agent leaving last (`TORCHRUN_STATIC`).
-        torchrun = (["-m", "torch.distributed.run"] if cluster.rdzv_backend == "c10d"
-                    else ["-c", commands.TORCHRUN_STATIC])
+        store = None
+        if cluster.rdzv_backend == "c10d":
+            torchrun = ["-m", "torch.distributed.run"]
+            rdzv = [
+                "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"{master.host}:{port}",
+                "--rdzv-id", job_id,
+                # The store is the host node's own process (`store`), not an agent's.
+                "--rdzv-conf", "is_host=0",
+                # The address the other nodes reach this one by; c10d also
+                # orders global ranks by it (it ignores --node-rank).
+                "--local-addr", node.host,
+            ]
+            if node is master:
+                store = node.python.argv() + ["-c", commands.RDZV_STORE, master.host,
+                                              str(port), str(STORE_GRACE)]
+        else:
+            # torchrun with rank 0's agent, which holds the store, leaving last.
+            torchrun = ["-c", commands.TORCHRUN_STATIC]
+            rdzv = ["--node-rank", str(node_rank),
+                    "--master-addr", master.host, "--master-port", str(port),
+                    # The workers' TORCHELASTIC_RUN_ID and the store's key prefix.
+                    "--rdzv-id", job_id]
         argv = node.python.argv() + torchrun + [
             "--nnodes", str(len(nodes)),
             "--nproc-per-node", str(procs[node.name]),
             "--max-restarts", "0",
             "--tee", "3",
             "--log-dir", f"{d}/torchrun",
+            *rdzv,
+            *cfg.script_argv(),
         ]
-        if cluster.rdzv_backend == "c10d":
-            argv += [
-                "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"{master.host}:{port}",
-                "--rdzv-id", job_id,
-                # The store is the host node's own process (`store` below), not an agent's.
-                "--rdzv-conf", "is_host=0",
-                # The address the other nodes reach this one by; c10d also
-                # orders global ranks by it (it ignores --node-rank).
-                "--local-addr", node.host,
-            ]
-        else:
-            argv += ["--node-rank", str(node_rank),
-                     "--master-addr", master.host, "--master-port", str(port),
-                     # The workers' TORCHELASTIC_RUN_ID and the store's key prefix.
-                     "--rdzv-id", job_id]
-        argv += cfg.script_argv()
-        env = rank_env(node, cfg)
-        store = None
-        if cluster.rdzv_backend == "c10d" and node is master:
-            store = node.python.argv() + ["-c", commands.RDZV_STORE, master.host, str(port),
-                                          str(STORE_GRACE)]
-        plans.append(NodePlan(node, node_rank, procs[node.name], argv, env, store))
+        plans.append(NodePlan(node, node_rank, procs[node.name], argv, rank_env(node, cfg),
+                              store))
     return plans
 
 

@@ -109,9 +109,9 @@ except (ImportError, AttributeError):
 def leave_last(agent):
     barrier(agent)
     group, store, left = agent._worker_group, agent._store, "ugro/left"
+    if group.group_world_size < 2:
+        return
     try:
-        if group.group_world_size < 2:
-            return
         if group.group_rank == 0:
             until = time.monotonic() + 30
             while not store.check([left]) and time.monotonic() < until:
