@@ -7,6 +7,7 @@ in this machine's /proc (`ugro.procs`).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from sshlab import Lab
 from benchmarks.measure import CELL_BUDGET_S, ROOT, Cell, compare
 from benchmarks.tables import mark
 from ugro import procs
+from ugro.lifecycle import supervisor_alive
 
 JOB = "benchmarks/bench_job.py"  # relative to the project, on the control node and every node
 
@@ -197,8 +199,18 @@ def processes_mentioning(*words: bytes) -> list[int]:
 
 
 def supervisors(data_dir: Path, job_id: str = "") -> list[int]:
-    """Pids of UGRO supervisors of this run's jobs (found by the data dir on their command line)."""
-    return processes_mentioning(b"ugro.supervise", str(data_dir).encode(), job_id.encode())
+    """Pids of the live supervisors of this run's jobs (of `job_id`'s only, when given), as
+    their records name them; and any other `ugro.supervise` process for this data dir."""
+    found = set(processes_mentioning(b"ugro.supervise", str(data_dir).encode(),
+                                     job_id.encode()))
+    for meta_file in (data_dir / "experiments").glob(f"{job_id or '*'}/metadata.json"):
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("job_id") and supervisor_alive(meta):
+            found.add(meta["supervisor_pid"])
+    return sorted(found)
 
 
 def kill(pid: int, sig: int = signal.SIGKILL) -> None:

@@ -117,6 +117,30 @@ def test_busy_nodes_names_the_job_holding_them(tmp_path):
         sup.wait()
 
 
+def test_a_supervisor_is_known_by_its_pid_and_start_time(tmp_path):
+    """A launch's supervisor is the launch's process forked: its command line says `inv
+    launch`, so the record names it by pid and start time, which a reused pid does not
+    repeat."""
+    from ugro import procs
+    from ugro.lifecycle import supervisor_alive
+
+    jobs = Jobs(tmp_path)
+    job_id = begun(jobs, "sup", ("a",))
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = procs.start_time(proc.pid)
+        assert isinstance(started, int) and started >= procs.start_time(os.getpid())
+        assert supervisor_alive(jobs.set_supervisor(job_id, proc.pid, started))
+        assert not supervisor_alive(jobs.set_supervisor(job_id, proc.pid, started - 1))
+        # No start time recorded (an older record): the command line must say what it is.
+        assert not supervisor_alive(jobs.set_supervisor(job_id, proc.pid))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert procs.start_time(proc.pid) is None
+    assert not supervisor_alive(jobs.set_supervisor(job_id, proc.pid, started))
+
+
 DAMAGED = {"list": "[]", "null": "null", "no nodes": '{"job_id": "x", "name": "x", "status": '
            '"RUNNING"}', "torn": '{"job_id": "x", "na', "bad status": '{"job_id": "x", "name": '
            '"x", "status": 7, "nodes": {}}'}

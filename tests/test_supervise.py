@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 
@@ -10,11 +11,13 @@ from conftest import begun, wait_for
 
 from ugro import blame, schedule
 from ugro.blame import lost_a_peer
+from ugro.cluster import Session
 from ugro.config import parse_cluster
 from ugro.jobs import Jobs
 from ugro.logs import NodeLog
+from ugro.plan import LaunchConfig
 from ugro.state import JobStatus, in_queue, watched
-from ugro.supervise import Supervisor, started
+from ugro.supervise import Supervisor, standby, started
 
 CLUSTER = """
 master: {name: a, local: true}
@@ -207,3 +210,39 @@ def test_a_start_the_launch_recorded_as_failed_is_not_supervised(tmp_path):
     jobs.finish(job_id, JobStatus.FAILED, error="start failed: b: no route")
     assert not started(jobs, job_id, launcher=os.getppid())
     assert jobs.metadata(job_id)["status"] == JobStatus.FAILED
+
+
+def standing_by(tmp_path, monkeypatch, record=None) -> tuple[Jobs, str]:
+    """A launch's job directory, with `record` as its record (or none), and the supervisor's
+    stdin closed: the launch has let go."""
+    jobs = Jobs(tmp_path / "data")
+    if record is None:
+        job_id = jobs.create("exp")
+    else:
+        job_id = begun(jobs, "exp", nodes="ab")
+        record(jobs, job_id)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    return jobs, job_id
+
+
+def test_a_standby_supervisor_of_a_launch_that_recorded_nothing_removes_its_directory(
+        tmp_path, monkeypatch):
+    jobs, job_id = standing_by(tmp_path, monkeypatch)
+    cluster = parse_cluster(CLUSTER, tmp_path / "c.yaml")
+    assert standby(jobs, job_id, Session(cluster), []) is False
+    assert not jobs.dir(job_id).exists()
+
+
+def test_a_standby_supervisor_supervises_a_started_job_and_leaves_a_queued_one(
+        tmp_path, monkeypatch):
+    cluster = parse_cluster(CLUSTER, tmp_path / "c.yaml")
+    jobs, job_id = standing_by(tmp_path, monkeypatch,
+                               lambda jobs, j: jobs.mark_running(j, {"a": 1, "b": 2}))
+    assert standby(jobs, job_id, Session(cluster), ["a", "not-in-the-cluster"]) is True
+    # A queued job whose start was put off stays the queue's.
+    queued = Jobs(tmp_path / "q")
+    later = LaunchConfig(name="later", script="train.py", nodes="a")
+    job_id = schedule.enqueue(queued, cluster, later, tmp_path)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    assert standby(queued, job_id, Session(cluster), ["a"]) is False
+    assert in_queue(queued.metadata(job_id))

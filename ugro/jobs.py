@@ -260,8 +260,16 @@ class Jobs:
         """The job printed or logged again: plain running."""
         return self._update(job_id, lambda meta: meta.pop("stalled_since", None))
 
-    def set_supervisor(self, job_id: str, pid: int) -> dict:
-        return self._update(job_id, lambda meta: meta.update(supervisor_pid=pid))
+    def set_supervisor(self, job_id: str, pid: int, started: int | None = None) -> dict:
+        """The job's supervisor: its pid and, to tell it from a later process with that pid,
+        its start time (`procs.start_time`)."""
+        def change(meta):
+            meta["supervisor_pid"] = pid
+            meta.pop("supervisor_started", None)
+            if started is not None:
+                meta["supervisor_started"] = started
+
+        return self._update(job_id, change)
 
     def request_cancel(self, job_id: str, reason: str) -> dict:
         """Note that a cancel was asked for (the first time only): the supervisor then records

@@ -1,10 +1,11 @@
 """A job's life on the machines: start it, hand it to a supervisor, cancel it, reconcile it.
 
-The flow of `inv launch`: `plan.ranks_per_node` and `busy_nodes` (nothing else holds
-the nodes), `plan.preflight` (health, the script on every node, versions, master port), the record
-(`Jobs.begin`), the backend starts every node, and a supervisor process
-(`python -m ugro.supervise`) takes over: it streams every node's output home,
-fails fast, and writes the final record. The launcher then follows the logs
+The flow of `inv launch`: `plan.ranks_per_node`, a job directory and its supervisor
+on standby (`Standby`: the launch's process forked, connecting to the nodes meanwhile),
+`busy_nodes` (nothing else holds the nodes), `plan.preflight` (health, the script on every
+node, versions, master port), the record (`Jobs.begin`), the backend starts every node, and
+the supervisor takes over: it streams every node's output home, fails fast, and writes the
+final record. The launcher then follows the logs
 (`wait_attached`) or returns once every rank runs (`wait_for_ranks`); either way
 the job is supervised without the user's terminal.
 """
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
@@ -72,18 +74,29 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
     if backend.schedules:
         return submit(jobs, cluster, cfg, root, backend)
     backend.close()
+    nodes = cluster.select(cfg.nodes)
     ranks_per_node(cluster, cfg)  # a plan that cannot work is refused before anything runs
+    job_id = queued or jobs.create(cfg.name)  # a directory only: no record, no job yet
+    # The supervisor starts now (`Standby`), so its connections to the nodes open during the
+    # preflight and its streams start as soon as the nodes have. Released once the start is
+    # recorded (or refused), it supervises the job if it runs, and otherwise just exits.
+    try:
+        standby = Standby(jobs, cluster, job_id, nodes, fork=not queued)
+    except BaseException:
+        if not queued:
+            jobs.discard(job_id)
+        raise
     session = Session(cluster)
-    with store.locked(jobs.data_dir / ".launch.lock"), closing(session):
-        holding = busy_nodes(jobs, cluster, cluster.select(cfg.nodes))
-        if holding:
-            raise UgroError(f"nodes are busy with job {'; '.join(holding)}; wait for it, "
-                            "add --queue to start once they are free, or run: inv cancel <job>")
-        reports, port, warnings = preflight(cluster, cfg, session)
-        for line in warnings:
-            warn(line)
-        job_id = queued or jobs.create(cfg.name)
+    with closing(standby), store.locked(jobs.data_dir / ".launch.lock"), closing(session):
         try:
+            holding = busy_nodes(jobs, cluster, nodes)
+            if holding:
+                raise UgroError(f"nodes are busy with job {'; '.join(holding)}; wait for it, "
+                                "add --queue to start once they are free, or run: "
+                                "inv cancel <job>")
+            reports, port, warnings = preflight(cluster, cfg, session)
+            for line in warnings:
+                warn(line)
             plans = plan(cluster, cfg, job_id, port)
             # The nodes start over the connections the preflight opened.
             backend = backend_for(cluster, session)
@@ -111,13 +124,12 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
             if not queued:  # a queued job keeps its record; the scheduler decides
                 jobs.discard(job_id)  # no job directory is left without its record
             raise
-        # The supervisor's start-up (its imports) overlaps the nodes': it waits for the record
-        # to leave PENDING before it watches anything (`ugro.supervise.main`).
-        spawn_supervisor(jobs, cluster, job_id)
+        jobs.set_supervisor(job_id, standby.pid, standby.started)
         with closing(backend):
             started = backend.start(job_id, plans)
             pgids = {name: v for name, v in started.items() if isinstance(v, int)}
             jobs.mark_running(job_id, pgids)
+            standby.release()
             failed = {name: why for name, why in started.items() if name not in pgids}
             if failed:
                 why = "; ".join(f"{name}: {text}" for name, text in failed.items())
@@ -208,26 +220,126 @@ def wait_for_ranks(jobs: Jobs, job_id: str, timeout: float = 300.0, poll: float 
     return {name: said(name, facts) for name, facts in meta["nodes"].items()}
 
 
-def spawn_supervisor(jobs: Jobs, cluster: Cluster, job_id: str) -> int:
+def _supervisor(jobs: Jobs, cluster: Cluster, job_id: str, args: list[str],
+                stdin=subprocess.DEVNULL) -> subprocess.Popen:
     try:
         log = (jobs.dir(job_id) / "supervisor.log").open("ab")
     except OSError:
         log = subprocess.DEVNULL  # a full disk: the supervisor still runs, and says why it can
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ugro.supervise", "--data-dir", str(jobs.data_dir.resolve()),
-         "--cluster", str(cluster.source.resolve()), "--launcher", str(os.getpid()), job_id],
-        cwd=PACKAGE_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-    )
-    if log is not subprocess.DEVNULL:
-        log.close()
-    jobs.set_supervisor(job_id, proc.pid)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ugro.supervise", "--data-dir", str(jobs.data_dir.resolve()),
+             "--cluster", str(cluster.source.resolve()), "--launcher", str(os.getpid()),
+             *args, job_id],
+            cwd=PACKAGE_ROOT, stdin=stdin, stdout=log, stderr=log, start_new_session=True,
+        )
+    finally:
+        if log is not subprocess.DEVNULL:
+            log.close()
+
+
+def spawn_supervisor(jobs: Jobs, cluster: Cluster, job_id: str) -> int:
+    """A supervisor for a job already recorded (started, submitted, or to reconcile)."""
+    proc = _supervisor(jobs, cluster, job_id, [])
+    jobs.set_supervisor(job_id, proc.pid, procs.start_time(proc.pid))
     return proc.pid
 
 
+class Standby:
+    """A supervisor started before its job is recorded: it connects to `nodes` meanwhile,
+    and waits for `release()` (or this process's end: its stdin closes either way).
+
+    From a launch command (one thread, no lock held), it is this process forked: the modules
+    the supervisor needs are already loaded here, so it starts without an interpreter's
+    start-up and imports of its own, which would take CPU from the nodes' start on a control
+    node that trains too. Elsewhere (a queue pass, with threads or locks that a fork would
+    copy), it is `python -m ugro.supervise --standby`.
+    """
+
+    def __init__(self, jobs: Jobs, cluster: Cluster, job_id: str, nodes: tuple[Node, ...],
+                 fork: bool = False):
+        # /proc tells the forked supervisor by its start time (`supervisor_alive`).
+        if fork and hasattr(os, "fork") and threading.active_count() == 1 \
+                and procs.start_time(os.getpid()) is not None:
+            self.pid, self._release = _fork_supervisor(jobs, cluster, job_id, nodes)
+        else:
+            proc = _supervisor(jobs, cluster, job_id,
+                               ["--standby", ",".join(n.name for n in nodes)],
+                               stdin=subprocess.PIPE)
+            self.pid, self._release = proc.pid, proc.stdin.close
+        self.started = procs.start_time(self.pid)
+
+    def release(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+    close = release
+
+
+def _fork_supervisor(jobs: Jobs, cluster: Cluster, job_id: str,
+                     nodes: tuple[Node, ...]) -> tuple[int, Callable[[], None]]:
+    """Fork the supervisor (see `Standby`); its pid, and what releases it. In the child,
+    stdin is the release pipe and stdout and stderr supervisor.log; it leaves by `_exit`,
+    so nothing of the launch (its atexit hooks, its stack) runs there again."""
+    from . import supervise, transport
+
+    transport.preload()  # the launch's own connections need them next
+    try:
+        log = os.open(jobs.dir(job_id) / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                      0o644)
+    except OSError:
+        log = os.open(os.devnull, os.O_WRONLY)
+    r, w = os.pipe()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()  # or the child would print it again
+        except (OSError, ValueError):
+            pass
+    pid = os.fork()
+    if pid == 0:  # the supervisor: never returns to the launch's code
+        code = 1
+        try:
+            os.setsid()
+            os.close(w)
+            os.dup2(r, 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.close(r)
+            os.close(log)
+            sys.stdin = open(0, closefd=False)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                              else signal.SIG_DFL)
+            code = supervise.supervise(jobs, cluster, job_id,
+                                       standby_for=[n.name for n in nodes])
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    os.close(r)
+    os.close(log)
+    return pid, lambda: os.close(w)
+
+
 def supervisor_alive(meta: dict) -> bool:
-    pid = meta.get("supervisor_pid")
-    return isinstance(pid, int) and pid > 0 and procs.running(
-        pid, b"ugro.supervise", meta["job_id"].encode())
+    """Whether the job's supervisor still runs: the process recorded, by its pid and start
+    time (a launch's supervisor is the launch's process forked: `Standby`), or by its
+    command line where the record has no start time."""
+    pid, started = meta.get("supervisor_pid"), meta.get("supervisor_started")
+    if not (isinstance(pid, int) and pid > 0):
+        return False
+    if isinstance(started, int):
+        return procs.start_time(pid) == started and procs.state(pid) not in (None, "Z")
+    return procs.running(pid, b"ugro.supervise", meta["job_id"].encode())
 
 
 def cancel(jobs: Jobs, cluster: Cluster, job_id: str, grace: float = 3.0,

@@ -20,6 +20,16 @@ def state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
+def start_time(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot: with the pid, it names one
+    process (a pid is reused; a pid and its start time are not)."""
+    fields = _stat(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
 def group(pgid: int) -> list[int]:
     """Live (non-zombie) processes in a process group."""
     out = []

@@ -1,7 +1,8 @@
-"""The job supervisor: `python -m ugro.supervise --data-dir D --cluster F JOB_ID`.
+"""The job supervisor: `python -m ugro.supervise --data-dir D --cluster F JOB_ID`, or
+`inv launch`'s own process forked (`lifecycle.Standby`; `supervise` is its life either way).
 
-`inv launch` starts it in its own session, so fail-fast and the final record
-keep working when the user's terminal closes or the launcher is killed. It
+It runs in its own session, so fail-fast and the final record keep working when the
+user's terminal closes or the launcher is killed. It
 streams every node's output home (one `NodeLog` per node) and, on the same
 stream, how the job's processes there are every few seconds; it stops the other
 nodes as soon as one fails or falls silent for `cluster.lost_after` seconds, and
@@ -35,6 +36,7 @@ from pathlib import Path
 from . import store
 from .backends import Backend, backend_for
 from .blame import Blame, failure_of
+from .cluster import Session
 from .config import Cluster, Node, load_cluster
 from .errors import UgroError
 from .jobs import Jobs, validate_name
@@ -50,8 +52,9 @@ class Supervisor:
     """Watch every node of a job until it ends; fail fast; write the final record."""
 
     def __init__(self, jobs: Jobs, cluster: Cluster, job_id: str, grace: float = 3.0,
-                 ended_at: str | None = None):
+                 ended_at: str | None = None, session: Session | None = None):
         self.jobs, self.cluster, self.job_id, self.grace = jobs, cluster, job_id, grace
+        self.session = session  # connections to stream over, opened in `standby`
         self.ended_at = ended_at  # a reconciled job: when its nodes ended, not now
         meta = jobs.metadata(job_id)
         self.nodes = [cluster.node(n) for n in meta["nodes"]]
@@ -87,7 +90,7 @@ class Supervisor:
         with store.writing(logs_dir):
             logs_dir.mkdir(exist_ok=True)
         # A backend for stops apart from the streams: those connections are busy streaming.
-        with closing(backend_for(self.cluster)) as streams, \
+        with closing(backend_for(self.cluster, self.session)) as streams, \
                 closing(backend_for(self.cluster)) as killer:
             self.schedules = streams.schedules
             if self.schedules and not self.nodes:
@@ -428,7 +431,7 @@ def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def started(jobs: Jobs, job_id: str, launcher: int, settle: float = 2.0) -> bool:
+def started(jobs: Jobs, job_id: str, launcher: int | None, settle: float = 2.0) -> bool:
     """Whether there is a job to supervise. A launch spawns its supervisor while the nodes
     start, so the record may still be PENDING: wait for RUNNING, or for the launch to record
     that the start failed (then there is nothing to supervise).
@@ -440,7 +443,7 @@ def started(jobs: Jobs, job_id: str, launcher: int, settle: float = 2.0) -> bool
     job and stops the others, so nothing is left running whatever the launch had done.
     """
     while (status := JobStatus.parse(jobs.metadata(job_id)["status"])) is JobStatus.PENDING:
-        if os.getppid() != launcher:
+        if launcher is None or os.getppid() != launcher:
             time.sleep(settle)
             if JobStatus.parse(jobs.metadata(job_id)["status"]) is JobStatus.PENDING:
                 say(f"{job_id}: its launch ended before recording the start; supervising "
@@ -451,6 +454,38 @@ def started(jobs: Jobs, job_id: str, launcher: int, settle: float = 2.0) -> bool
     return not status.is_terminal()
 
 
+def standby(jobs: Jobs, job_id: str, session: Session, names: list[str]) -> bool:
+    """Whether there is a job to supervise, once the launch that started this process is
+    done with the preflight and the start (it closes our stdin; so does its death).
+
+    Meanwhile `session` connects to the nodes the job will run on, so its streams start on
+    open connections. No record by then: the launch stopped before recording the job, whose
+    directory goes (the launch removes it too; whichever comes first). A queued job still
+    QUEUED: its start was put off, and the queue keeps it.
+    """
+    for name in names:
+        try:
+            node = session.cluster.node(name)
+        except UgroError:
+            continue  # the cluster file changed under the launch: its preflight says so
+        threading.Thread(target=_connect, args=(session, node), daemon=True).start()
+    try:
+        sys.stdin.buffer.read()
+    except OSError:
+        pass
+    if not (jobs.dir(job_id) / "metadata.json").exists():
+        jobs.discard(job_id)
+        return False
+    return JobStatus.parse(jobs.metadata(job_id)["status"]) is not JobStatus.QUEUED
+
+
+def _connect(session: Session, node: Node) -> None:
+    try:
+        session.context(node)
+    except Exception:
+        pass  # the stream connects again, and says why it cannot
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ugro.supervise")
     parser.add_argument("--data-dir", required=True, type=Path)
@@ -458,19 +493,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace", type=float, default=3.0)
     parser.add_argument("--launcher", type=int, default=None,
                         help="pid of the launch that spawned this process (see `started`)")
+    parser.add_argument("--standby", metavar="NODES", default=None,
+                        help="started before the launch records the job: connect to these "
+                             "nodes (comma-separated) and wait for stdin to close (see "
+                             "`standby`)")
     parser.add_argument("job_id")
     args = parser.parse_args(argv)
     try:
         validate_name(args.job_id)
         cluster = load_cluster(args.cluster)
-        jobs = Jobs(args.data_dir)
-        if not started(jobs, args.job_id, args.launcher or os.getppid()):
-            return 0
-        meta = Supervisor(jobs, cluster, args.job_id, args.grace).run()
     except UgroError as exc:
         say(str(exc))
         return 1
-    say(f"{args.job_id}: {meta['status']}")
+    return supervise(Jobs(args.data_dir), cluster, args.job_id, args.grace,
+                     launcher=args.launcher or os.getppid(),
+                     standby_for=None if args.standby is None else args.standby.split(","))
+
+
+def supervise(jobs: Jobs, cluster: Cluster, job_id: str, grace: float = 3.0,
+              launcher: int | None = None, standby_for: list[str] | None = None) -> int:
+    """The supervisor process's life: wait for the job to start (`standby_for` its nodes:
+    see `standby`; else `started`), supervise it to its end, then run the queue."""
+    try:
+        session = None
+        if standby_for is not None:
+            session = Session(cluster)
+            if not standby(jobs, job_id, session, standby_for):
+                session.close()
+                return 0
+            launcher = None  # its launch has let go (or died): see `started`
+        if not started(jobs, job_id, launcher):
+            return 0
+        meta = Supervisor(jobs, cluster, job_id, grace, session=session).run()
+    except UgroError as exc:
+        say(str(exc))
+        return 1
+    say(f"{job_id}: {meta['status']}")
     # The job's nodes are free: the queue moves on, in this process (already detached, its
     # record written, its imports paid for). Imported here, in the process's entry point,
     # because the scheduler starts jobs through the launch path, which uses Supervisor.

@@ -72,6 +72,12 @@ def _refuse_policy(node: Node, known_hosts: Path):
     return RefuseUnknown()
 
 
+def preload() -> None:
+    """Import Fabric and paramiko now (a launch does, before it forks its supervisor)."""
+    import fabric  # noqa: F401
+    import paramiko  # noqa: F401
+
+
 def _user_ssh_config():
     import paramiko
 
