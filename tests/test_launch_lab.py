@@ -14,6 +14,8 @@ import pytest
 import yaml
 from conftest import ROOT, tagged_pids, wait_for
 
+from ugro import procs
+
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 FAST = "--steps-per-epoch 6 --log-every 2"
@@ -195,7 +197,12 @@ def test_unreachable_node_fails_preflight(inv, cluster, lab):
     finally:
         lab.start_node(lab.nodes[2])
     assert "lab2 unhealthy" in r.stderr and "connection refused" in r.stderr
-    assert not (inv.data / "experiments").exists()
+    # No job: its directory went with the refusal, and its supervisor (on standby since the
+    # start, the launch's process forked) with it.
+    assert not (inv.data / "experiments").exists() or not list(
+        (inv.data / "experiments").iterdir())
+    assert wait_for(lambda: not [p for p in procs.pids() if p != os.getpid()
+                                 and procs.running(p, b"launch\0--name\0pre\0")], 10)
 
 
 def test_killed_supervisor_is_reconciled_from_the_nodes(inv, lab_project, tmp_path, lab):

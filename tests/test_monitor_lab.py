@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -209,9 +208,10 @@ def test_dashboard_pages_render_in_a_real_browser(lab, tmp_path):
     write_jobs(tmp_path / "data")
     with Monitor(cluster, tmp_path / "data", MonitorConfig(interval=0.5, port=0)) as mon:
         def drawn(n):
-            # What the cluster page asks for: the last hour, which averages into 5 s buckets
-            # on multiples of 5 s; every chart needs two of them to draw a line.
-            h = mon.series.node_history(n, time.time() - 3600, time.time())
+            # What the cluster page asks for, over HTTP as it does: the last hour, which
+            # averages into 5 s buckets on multiples of 5 s; every chart needs two of them to
+            # draw a line.
+            h = json.loads(get(f"{mon.url}api/history?node={n}&seconds=3600")[1])
             return [len(h["load"]["ts"])] + [len(g["ts"]) for g in h["gpus"]]
 
         wait_for(lambda: all(min(drawn(n)) >= 2 for n in ("lab0", "lab1", "lab2")),
