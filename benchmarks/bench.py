@@ -142,6 +142,11 @@ class Bench:
         # every pdsh run and the `inv health` after it started Python on every node.
         return ["pdsh", "-R", "ssh", "-w", ",".join(hosts), command.replace("%", "%%")], env
 
+    def fabric(self, hosts: list[str], command: str) -> tuple[list[str], dict]:
+        """The same by hand in Python: Fabric's ThreadingGroup (`fabric_launch.py`)."""
+        return [sys.executable, str(ROOT / "benchmarks" / "fabric_launch.py"),
+                str(self.ssh_cfg), command, *hosts], dict(os.environ)
+
     def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, **kwargs)
         self.popens.append(p)

@@ -44,9 +44,10 @@ class Cell:
 
 def compare(methods: dict[str, Callable[[], float]], repeat: int, warm: set[str] | None,
             budget: float = CELL_BUDGET_S) -> dict[str, Cell]:
-    """Run each method `repeat` times, taking turns, after one warm-up run of each method not in
-    `warm` yet (None: no warm-up). A method stops repeating once it has spent `budget` seconds
-    here, warm-up included (every method gets at least one timed run), or has failed twice.
+    """Run each method `repeat` times, taking turns (in reverse order every other round),
+    after one warm-up run of each method not in `warm` yet (None: no warm-up). A method stops
+    repeating once it has spent `budget` seconds here, warm-up included (every method gets at
+    least one timed run), or has failed twice.
     """
     cells = {name: Cell() for name in methods}
     spent = dict.fromkeys(methods, 0.0)
@@ -65,8 +66,9 @@ def compare(methods: dict[str, Callable[[], float]], repeat: int, warm: set[str]
         if warm is not None and name not in warm:
             once(name)
             warm.add(name)
-    for _ in range(repeat):
-        for name in methods:
+    for round_ in range(repeat):
+        # Every other round in reverse order: no method always runs right after the same one.
+        for name in (list(methods) if round_ % 2 == 0 else list(methods)[::-1]):
             cell = cells[name]
             if len(cell.errors) >= MAX_FAILURES or (cell.samples and spent[name] >= budget):
                 continue

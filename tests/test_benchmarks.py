@@ -94,9 +94,14 @@ def test_every_section_at_tiny_size_produces_its_rows(tmp_path):
     assert set(history) == {"`inv jobs`", "`inv status`",
                             "a launch's preflight (in-process, 1 node)"}
     launch = found["Launch (2 nodes, 1 rank each)"]
-    figures(launch[:-1], "inv launch", SECS)
-    by_hand = figures([launch[0], *launch[2:4], *launch[5:]], "pdsh + torchrun", SECS)
+    figures([*launch[:4], *launch[5:7]], "inv launch", SECS)
+    by_hand = figures([launch[0], *launch[2:4], *launch[6:]], "pdsh + torchrun", SECS)
     assert "every rank running" in by_hand
+    assert "every rank running" in figures(launch[:1] + launch[2:4], "Fabric + torchrun", SECS)
+    gap = re.compile(r"[+-]\d+\.\d\d s")
+    assert figures(launch[:1] + launch[4:5], "pdsh + torchrun", gap) \
+        == {"… minus the by-hand run of the same round (median)": launch[4][2]}
+    figures(launch[:1] + launch[4:5], "Fabric + torchrun", gap)
     cancel = found["Cancel (2 nodes)"]
     figures(cancel, "inv cancel", SECS)
     figures(cancel[:2], "SIGTERM to each torchrun agent, no SSH", SECS)

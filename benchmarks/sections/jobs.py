@@ -1,5 +1,6 @@
 """The runs the launch and cancel tables share: each UGRO run launches a job that holds, times
-it coming up, cancels it and times it going away; the by-hand run does the same with pdsh.
+it coming up, cancels it and times it going away; the by-hand runs do the same with pdsh, and
+with Fabric from Python (the floor for a launcher written in Python).
 
 A rank runs when /proc shows a process carrying the job's `UGRO_JOB_ID` and torchrun's
 `RANK`/`LOCAL_RANK` (every lab node lives on this machine).
@@ -38,8 +39,10 @@ class Runs:
     cells: dict[str, Cell]
     ugro: dict[str, Cell]
     pdsh: dict[str, Cell]
+    fabric: dict[str, Cell]
     ugro_none: Cell | None  # stands in for every UGRO fact when no UGRO run worked
     pdsh_none: Cell | None
+    fabric_none: Cell | None
 
 
 @functools.cache
@@ -50,14 +53,14 @@ def measure(bench: Bench) -> Runs:
     env = bench.env(cluster_file)
     cluster = load_cluster(cluster_file)
     runs = itertools.count()
-    facts: dict[str, dict[str, Cell]] = {"ugro": {}, "pdsh": {}}
+    facts: dict[str, dict[str, Cell]] = {"ugro": {}, "pdsh": {}, "fabric": {}}
 
     def held(how: str) -> Callable[[], float]:
         def fn() -> float:
             tag = f"bench-{how}-{next(runs)}"
             try:
                 got = ugro_hold(bench, env, tag) if how == "ugro" else \
-                    pdsh_hold(bench, cluster, tag)
+                    pdsh_hold(bench, cluster, tag, via=how)
             except Failed:
                 stop_jobs(bench, env, tag)  # the next run gets the nodes, and the machine
                 raise
@@ -86,10 +89,11 @@ def measure(bench: Bench) -> Runs:
     say(f"launch/cancel on {n} nodes")
     cells = bench.compare("launch", {
         "launch:ugro": held("ugro"), "launch:pdsh": held("pdsh"),
+        "launch:fabric": held("fabric"),
         "launch:attached": attached, "launch:pdsh-exit": pdsh_exit,
         "launch:standalone": lambda: run(standalone, env=node_env, cwd=node.project)[0],
     }, budget=LAUNCH_BUDGET_S)
-    for how in ("ugro", "pdsh"):
+    for how in ("ugro", "pdsh", "fabric"):
         runs_of = cells[f"launch:{how}"]
         for c in facts[how].values():
             c.samples = c.samples[len(c.samples) - len(runs_of.samples):]  # not the warm-up's
@@ -99,7 +103,8 @@ def measure(bench: Bench) -> Runs:
         c = cells[f"launch:{how}"]
         return Cell(errors=c.errors) if c.error else None
 
-    return Runs(cells, facts["ugro"], facts["pdsh"], none("ugro"), none("pdsh"))
+    return Runs(cells, facts["ugro"], facts["pdsh"], facts["fabric"], none("ugro"),
+                none("pdsh"), none("fabric"))
 
 
 def stop_jobs(bench: Bench, env: dict, tag: str) -> None:
@@ -143,9 +148,10 @@ def ugro_hold(bench: Bench, env: dict, name: str) -> dict[str, float]:
     return facts
 
 
-def pdsh_hold(bench: Bench, cluster: Cluster, tag: str) -> dict[str, float]:
-    """The same by hand: pdsh starts torchrun on every node; SIGTERM to the agents stops it."""
-    argv, env = pdsh_torchrun(bench, cluster, tag, "hold")
+def pdsh_hold(bench: Bench, cluster: Cluster, tag: str, via: str = "pdsh") -> dict[str, float]:
+    """The same by hand: pdsh (or, `via` "fabric", Fabric from Python) starts torchrun on every
+    node; SIGTERM to the agents stops it."""
+    argv, env = pdsh_torchrun(bench, cluster, tag, "hold", via=via)
     t0 = time.perf_counter()
     log = bench.tmp / f"{tag}.log"
     with log.open("w") as out:
@@ -191,8 +197,9 @@ def watch_start(n: int, tag: str, t0: float, p: subprocess.Popen,
 
 
 def pdsh_torchrun(bench: Bench, cluster: Cluster, tag: str, mode: str | None = None,
-                  cfg: LaunchConfig | None = None) -> tuple[list[str], dict]:
-    """pdsh running, on every launch node, that node's torchrun command from UGRO's own plan.
+                  cfg: LaunchConfig | None = None, via: str = "pdsh") -> tuple[list[str], dict]:
+    """pdsh (or Fabric: `via`) running, on every launch node, that node's torchrun command
+    from UGRO's own plan.
 
     One command line for all nodes, as a user would type it: each node picks its own line of
     the plan by the address it was reached on (`$SSH_CONNECTION`).
@@ -215,4 +222,4 @@ def pdsh_torchrun(bench: Bench, cluster: Cluster, tag: str, mode: str | None = N
     cases = "".join(f"{p.node.host}) " + commands.in_project(p.node, line(p)) + ";; "
                     for p in nodes)
     command = f"set -- $SSH_CONNECTION; case $3 in {cases}esac"
-    return bench.pdsh([p.node.name for p in nodes], command)
+    return (bench.fabric if via == "fabric" else bench.pdsh)([p.node.name for p in nodes], command)
