@@ -42,7 +42,7 @@ from benchmarks.sections import (  # noqa: E402
     sync,
     training,
 )
-from benchmarks.sections.jobs import LAUNCH_BUDGET_S  # noqa: E402
+from benchmarks.sections.jobs import launch_budget  # noqa: E402
 from benchmarks.sections.logs import LOGS_BUDGET_S  # noqa: E402
 from benchmarks.tables import Section, mark, table  # noqa: E402
 
@@ -98,8 +98,8 @@ def report(bench: Bench, sections: list[Section], host: str, size: str, started:
             f"--only {','.join(bench.only)} --repeat {bench.repeat}{sized}` took {took:.0f} s. "
             f"Whole-process wall times, median of {bench.repeat} run{'s' * (bench.repeat > 1)} "
             f"{warm_up}; n=… where a method stopped repeating after {CELL_BUDGET_S:g} s "
-            f"in one row ({LAUNCH_BUDGET_S:g} s for launch, {LOGS_BUDGET_S:g} s and no warm-up "
-            "for logs). Lab: "
+            f"in one row ({launch_budget(bench.repeat):g} s for launch, {LOGS_BUDGET_S:g} s "
+            "and no warm-up for logs). Lab: "
             f"{len(bench.lab.nodes)} OpenSSH daemons on 127.0.0.2…, each with a stand-in "
             "`nvidia-smi` (RTX 4070) and this machine's Python and torch; each node's HOME is "
             "its own directory (no shell rc files). Python's bytecode caches on, as on a "

@@ -142,6 +142,12 @@ def test_cancel_stops_everything(inv, cluster):
     assert "lab0 1/1 ranks, lab1 1/1 ranks, lab2 1/1 ranks" in r.stdout
     job_id, meta = only_job(inv.data)
     assert meta["status"] == "RUNNING"
+    # Its supervisor is the launch's process forked (no interpreter of its own), in a session
+    # of its own, known by its pid and start time.
+    sup = meta["supervisor_pid"]
+    assert procs.running(sup, b"invoke\0launch\0--name\0long\0")
+    assert procs.start_time(sup) == meta["supervisor_started"]
+    assert os.getsid(sup) == sup
     log = inv.data / "experiments" / job_id / "logs"
     wait_for(lambda: "| step" in "".join(p.read_text() for p in log.glob("*.log")), 120)
     # A second launch on the same nodes is refused, naming the job that holds them.
@@ -201,8 +207,9 @@ def test_unreachable_node_fails_preflight(inv, cluster, lab):
     # start, the launch's process forked) with it.
     assert not (inv.data / "experiments").exists() or not list(
         (inv.data / "experiments").iterdir())
-    assert wait_for(lambda: not [p for p in procs.pids() if p != os.getpid()
-                                 and procs.running(p, b"launch\0--name\0pre\0")], 10)
+    assert wait_for(lambda: not [p for p in procs.pids() if p != os.getpid() and (
+        procs.running(p, b"launch\0--name\0pre\0")
+        or procs.running(p, b"ugro.supervise", str(inv.data).encode()))], 10)
 
 
 def test_killed_supervisor_is_reconciled_from_the_nodes(inv, lab_project, tmp_path, lab):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
-from conftest import begun, wait_for
+from conftest import ROOT, begun, wait_for
 
-from ugro import blame, schedule
+from ugro import blame, procs, schedule
 from ugro.blame import lost_a_peer
 from ugro.cluster import Session
 from ugro.config import parse_cluster
@@ -17,7 +19,7 @@ from ugro.jobs import Jobs
 from ugro.logs import NodeLog
 from ugro.plan import LaunchConfig
 from ugro.state import JobStatus, in_queue, watched
-from ugro.supervise import Supervisor, standby, started
+from ugro.supervise import GO, Supervisor, standby, started
 
 CLUSTER = """
 master: {name: a, local: true}
@@ -227,10 +229,16 @@ def standing_by(tmp_path, monkeypatch, record=None) -> tuple[Jobs, str]:
 
 def test_a_standby_supervisor_of_a_launch_that_recorded_nothing_removes_its_directory(
         tmp_path, monkeypatch):
+    """...only when the launch died: one that let go (refused) removed it itself, and the
+    id may be another launch's again by the time the supervisor looks."""
     jobs, job_id = standing_by(tmp_path, monkeypatch)
     cluster = parse_cluster(CLUSTER, tmp_path / "c.yaml")
     assert standby(jobs, job_id, Session(cluster), []) is False
     assert not jobs.dir(job_id).exists()
+    job_id = jobs.create("exp")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(GO)))
+    assert standby(jobs, job_id, Session(cluster), []) is False
+    assert jobs.dir(job_id).exists()
 
 
 def test_a_standby_supervisor_supervises_a_started_job_and_leaves_a_queued_one(
@@ -246,3 +254,42 @@ def test_a_standby_supervisor_supervises_a_started_job_and_leaves_a_queued_one(
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
     assert standby(queued, job_id, Session(cluster), ["a"]) is False
     assert in_queue(queued.metadata(job_id))
+
+
+FORKED = """
+import os, sys
+from pathlib import Path
+from ugro.config import parse_cluster
+from ugro.jobs import Jobs
+from ugro.lifecycle import Standby
+tmp, how = Path(sys.argv[1]), sys.argv[2]
+cluster = parse_cluster("master: {name: a, local: true}", tmp / "c.yaml")
+jobs = Jobs(tmp / "data")
+job_id = jobs.create("exp")
+print("before the fork;", end="")
+standby = Standby(jobs, cluster, job_id, cluster.select(None), fork=True)
+print(f" {standby.pid} {standby.started} {job_id}", flush=True)
+if how == "refused":  # the launch removes the directory, and the id is taken again at once
+    jobs.discard(job_id)
+    jobs.dir(job_id).mkdir()
+    standby.release()
+else:  # killed before it recorded anything: no word to the supervisor
+    os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("how", ["refused", "died"])
+def test_a_launch_forks_its_supervisor_which_leaves_only_what_it_must(tmp_path, how):
+    """A launch's supervisor is its own process forked (no command line of its own), on
+    standby until the launch lets go. Refused, it exits and leaves the directory to the launch
+    (whose id another launch may hold again by then); the launch dead, it removes the
+    directory the launch left without a record."""
+    p = subprocess.run([sys.executable, "-c", FORKED, str(tmp_path), how], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    said, rest = p.stdout.split(";")
+    assert said == "before the fork"  # printed once: the child does not print it again
+    pid, started, job_id = rest.split()
+    pid, started = int(pid), int(started)
+    wait_for(lambda: procs.start_time(pid) != started or procs.state(pid) == "Z", 20)
+    assert (tmp_path / "data" / "experiments" / job_id).exists() is (how == "refused")

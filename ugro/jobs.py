@@ -161,8 +161,9 @@ class Jobs:
 
     # -- transitions --------------------------------------------------------
     def begin(self, job_id: str, name: str, *, cluster_file: str, world_size: int, master: str,
-              nodes: dict[str, dict]) -> dict:
-        """The first record of a job: PENDING, each node `starting` with its rank and rank count.
+              nodes: dict[str, dict], supervisor: tuple[int, int | None] | None = None) -> dict:
+        """The first record of a job: PENDING, each node `starting` with its rank and rank count,
+        and its supervisor already, when it has one (`set_supervisor`).
 
         A queued job keeps its creation time and its queue facts (`enqueue`).
         """
@@ -177,6 +178,10 @@ class Jobs:
         }
         if "queue" in queued:
             meta["queue"] = queued["queue"]
+        if supervisor is not None:
+            meta["supervisor_pid"] = supervisor[0]
+            if supervisor[1] is not None:
+                meta["supervisor_started"] = supervisor[1]
         store.write_json(path, meta)
         return meta
 

@@ -12,6 +12,7 @@ the job is supervised without the user's terminal.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 
-from . import procs, store
+from . import procs, store, supervise, transport
 from .backends import backend_for
 from .cluster import Session
 from .config import Cluster, Node
@@ -76,6 +77,7 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
     backend.close()
     nodes = cluster.select(cfg.nodes)
     ranks_per_node(cluster, cfg)  # a plan that cannot work is refused before anything runs
+    transport.preload()  # before the job directory: nothing slow between it and `Standby`
     job_id = queued or jobs.create(cfg.name)  # a directory only: no record, no job yet
     # The supervisor starts now (`Standby`), so its connections to the nodes open during the
     # preflight and its streams start as soon as the nodes have. Released once the start is
@@ -119,17 +121,19 @@ def launch(jobs: Jobs, cluster: Cluster, cfg: LaunchConfig, root: Path,
             jobs.begin(job_id, cfg.name, cluster_file=str(cluster.source), world_size=world,
                        master=master,
                        nodes={p.node.name: {"node_rank": p.node_rank, "nproc": p.nproc}
-                              for p in plans})
+                              for p in plans},
+                       supervisor=(standby.pid, standby.started))
         except BaseException:
             if not queued:  # a queued job keeps its record; the scheduler decides
                 jobs.discard(job_id)  # no job directory is left without its record
             raise
-        jobs.set_supervisor(job_id, standby.pid, standby.started)
         with closing(backend):
             started = backend.start(job_id, plans)
             pgids = {name: v for name, v in started.items() if isinstance(v, int)}
-            jobs.mark_running(job_id, pgids)
+            meta = jobs.mark_running(job_id, pgids)
             standby.release()
+            if not supervisor_alive(meta):  # it died on standby (killed, out of memory)
+                spawn_supervisor(jobs, cluster, job_id)
             failed = {name: why for name, why in started.items() if name not in pgids}
             if failed:
                 why = "; ".join(f"{name}: {text}" for name, text in failed.items())
@@ -260,16 +264,25 @@ class Standby:
                  fork: bool = False):
         # /proc tells the forked supervisor by its start time (`supervisor_alive`).
         if fork and hasattr(os, "fork") and threading.active_count() == 1 \
-                and procs.start_time(os.getpid()) is not None:
+                and procs.start_time(os.getpid()) is not None and not _open_fds():
             self.pid, self._release = _fork_supervisor(jobs, cluster, job_id, nodes)
         else:
             proc = _supervisor(jobs, cluster, job_id,
                                ["--standby", ",".join(n.name for n in nodes)],
                                stdin=subprocess.PIPE)
-            self.pid, self._release = proc.pid, proc.stdin.close
+
+            def release():
+                with contextlib.suppress(OSError):  # it died: `launch` starts another
+                    proc.stdin.write(supervise.GO)
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+
+            self.pid, self._release = proc.pid, release
         self.started = procs.start_time(self.pid)
 
     def release(self) -> None:
+        """Let the supervisor go: it supervises the job if it is recorded running, and exits
+        if not (`supervise.standby`)."""
         if self._release is not None:
             release, self._release = self._release, None
             release()
@@ -277,14 +290,29 @@ class Standby:
     close = release
 
 
+def _open_fds() -> list[int]:
+    """This process's open file descriptors past stdin, stdout and stderr: a fork would hold
+    them for as long as the job runs (a lock, a pipe whose reader waits for its end)."""
+    try:
+        listed = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return [-1]  # cannot tell
+    found = []
+    for fd in listed:
+        if fd > 2:
+            try:
+                os.fstat(fd)  # the listing's own descriptor is closed by now
+            except OSError:
+                continue
+            found.append(fd)
+    return found
+
+
 def _fork_supervisor(jobs: Jobs, cluster: Cluster, job_id: str,
                      nodes: tuple[Node, ...]) -> tuple[int, Callable[[], None]]:
     """Fork the supervisor (see `Standby`); its pid, and what releases it. In the child,
     stdin is the release pipe and stdout and stderr supervisor.log; it leaves by `_exit`,
     so nothing of the launch (its atexit hooks, its stack) runs there again."""
-    from . import supervise, transport
-
-    transport.preload()  # the launch's own connections need them next
     try:
         log = os.open(jobs.dir(job_id) / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                       0o644)
@@ -327,7 +355,13 @@ def _fork_supervisor(jobs: Jobs, cluster: Cluster, job_id: str,
                 os._exit(code)
     os.close(r)
     os.close(log)
-    return pid, lambda: os.close(w)
+
+    def release():
+        with contextlib.suppress(OSError):  # it died: `launch` starts another
+            os.write(w, supervise.GO)
+        os.close(w)
+
+    return pid, release
 
 
 def supervisor_alive(meta: dict) -> bool:

@@ -44,6 +44,7 @@ from .logs import NodeLog
 from .plan import STALL_AFTER
 from .state import JobStatus, NodeState, NodeStatus, exit_code_int, is_active
 
+GO = b"go"  # what a launch writes its standby supervisor as it lets go (`standby`)
 RECORD_RETRY = 30.0  # seconds to keep retrying a record the control node cannot write
 LOST_RETRY = 600.0  # seconds to keep trying to stop a lost node's processes once it is back
 
@@ -456,12 +457,13 @@ def started(jobs: Jobs, job_id: str, launcher: int | None, settle: float = 2.0) 
 
 def standby(jobs: Jobs, job_id: str, session: Session, names: list[str]) -> bool:
     """Whether there is a job to supervise, once the launch that started this process is
-    done with the preflight and the start (it closes our stdin; so does its death).
+    done with the preflight and the start: it writes `Standby.GO` and closes our stdin.
 
     Meanwhile `session` connects to the nodes the job will run on, so its streams start on
-    open connections. No record by then: the launch stopped before recording the job, whose
-    directory goes (the launch removes it too; whichever comes first). A queued job still
-    QUEUED: its start was put off, and the queue keeps it.
+    open connections. A launch that let go with no record refused the job, and removed its
+    directory itself (the id may already be another launch's again). Input that ends without
+    the word is a launch that died: a directory it left without a record goes. A queued job
+    still QUEUED: its start was put off, and the queue keeps it.
     """
     for name in names:
         try:
@@ -470,11 +472,12 @@ def standby(jobs: Jobs, job_id: str, session: Session, names: list[str]) -> bool
             continue  # the cluster file changed under the launch: its preflight says so
         threading.Thread(target=_connect, args=(session, node), daemon=True).start()
     try:
-        sys.stdin.buffer.read()
+        said = sys.stdin.buffer.read()
     except OSError:
-        pass
+        said = b""
     if not (jobs.dir(job_id) / "metadata.json").exists():
-        jobs.discard(job_id)
+        if said != GO:
+            jobs.discard(job_id)
         return False
     return JobStatus.parse(jobs.metadata(job_id)["status"]) is not JobStatus.QUEUED
 

@@ -29,7 +29,13 @@ from ugro import commands, procs
 from ugro.config import Cluster, load_cluster
 from ugro.plan import LaunchConfig, plan
 
-LAUNCH_BUDGET_S = 75.0  # a held launch and its cancel take ~10 s: five runs and a warm-up
+LAUNCH_BUDGET_S = 75.0  # a held launch and its cancel take 6-10 s: five runs and a warm-up
+RUN_S = 7.0  # ... and more for a longer --repeat: its runs, at about this much each
+
+
+def launch_budget(repeat: int) -> float:
+    """Seconds each launch method may take in all (`measure.compare`)."""
+    return max(LAUNCH_BUDGET_S, RUN_S * (repeat + 1))
 
 
 @dataclass
@@ -92,7 +98,7 @@ def measure(bench: Bench) -> Runs:
         "launch:fabric": held("fabric"),
         "launch:attached": attached, "launch:pdsh-exit": pdsh_exit,
         "launch:standalone": lambda: run(standalone, env=node_env, cwd=node.project)[0],
-    }, budget=LAUNCH_BUDGET_S)
+    }, budget=launch_budget(bench.repeat))
     for how in ("ugro", "pdsh", "fabric"):
         runs_of = cells[f"launch:{how}"]
         for c in facts[how].values():
