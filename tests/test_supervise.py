@@ -19,7 +19,7 @@ from ugro.jobs import Jobs
 from ugro.logs import NodeLog
 from ugro.plan import LaunchConfig
 from ugro.state import JobStatus, in_queue, watched
-from ugro.supervise import GO, Supervisor, standby, started
+from ugro.supervise import GO, Supervisor, standby, started, supervise
 
 CLUSTER = """
 master: {name: a, local: true}
@@ -293,3 +293,22 @@ def test_a_launch_forks_its_supervisor_which_leaves_only_what_it_must(tmp_path, 
     pid, started = int(pid), int(started)
     wait_for(lambda: procs.start_time(pid) != started or procs.state(pid) == "Z", 20)
     assert (tmp_path / "data" / "experiments" / job_id).exists() is (how == "refused")
+
+
+def test_a_queued_job_whose_pass_died_before_starting_it_goes_back_in_the_queue(
+        tmp_path, monkeypatch):
+    """A pass claims a queued job (PENDING) and is killed before any node starts it: the
+    job's supervisor, on standby, puts it back in the queue instead of failing it."""
+    (tmp_path / "proj").mkdir()
+    cluster = parse_cluster(
+        f"master: {{name: a, local: true, project_path: '{tmp_path / 'proj'}'}}",
+        tmp_path / "c.yaml")
+    jobs = Jobs(tmp_path / "data")
+    job_id = schedule.enqueue(jobs, cluster, LaunchConfig(name="q", script="train.py",
+                                                          nodes="a"), tmp_path)
+    jobs.begin(job_id, "q", cluster_file="c.yaml", world_size=1, master="127.0.0.1:29500",
+               nodes={"a": {"node_rank": 0, "nproc": 1}})
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))  # no word: it died
+    assert supervise(jobs, cluster, job_id, standby_for=["a"]) == 0
+    meta = jobs.metadata(job_id)
+    assert in_queue(meta) and meta["queue"]["reason"].startswith("put back"), meta

@@ -288,16 +288,27 @@ def holders(jobs: Jobs, cluster: Cluster) -> dict[str, str]:
 
 
 def recover(jobs: Jobs, cluster: Cluster) -> None:
-    """Put back in the queue a job a killed pass had claimed but started on no node."""
+    """Put back in the queue a job a killed pass had claimed but started on no node (one whose
+    supervisor still runs sees to its own job: `put_back`)."""
     for job_id in jobs.active():
         meta = jobs.metadata(job_id)
-        if (JobStatus.parse(meta.get("status")) is not JobStatus.PENDING or "queue" not in meta
-                or meta.get("started_at") or lifecycle.supervisor_alive(meta)):
-            continue
-        with closing(backend_for(cluster)) as backend:
-            states = backend.states([cluster.node(n) for n in meta["nodes"]], job_id)
-        if all(s.reachable and s.pgid is None and not s.alive for s in states.values()):
-            jobs.requeue(job_id, "put back: the pass starting it was stopped")
+        if not lifecycle.supervisor_alive(meta):
+            put_back(jobs, cluster, meta)
+
+
+def put_back(jobs: Jobs, cluster: Cluster, meta: dict) -> bool:
+    """Put a job back in the queue if a pass claimed it (PENDING) and was stopped before any
+    node started it; whether it did."""
+    if (JobStatus.parse(meta.get("status")) is not JobStatus.PENDING or "queue" not in meta
+            or meta.get("started_at")):
+        return False
+    job_id = meta["job_id"]
+    with closing(backend_for(cluster)) as backend:
+        states = backend.states([cluster.node(n) for n in meta["nodes"]], job_id)
+    if all(s.reachable and s.pgid is None and not s.alive for s in states.values()):
+        jobs.requeue(job_id, "put back: the pass starting it was stopped")
+        return True
+    return False
 
 
 def _metadata(jobs: Jobs, job_id: str) -> dict:

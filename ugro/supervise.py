@@ -482,6 +482,14 @@ def standby(jobs: Jobs, job_id: str, session: Session, names: list[str]) -> bool
     return JobStatus.parse(jobs.metadata(job_id)["status"]) is not JobStatus.QUEUED
 
 
+def _put_back(jobs: Jobs, cluster: Cluster, job_id: str) -> bool:
+    """A queued job whose pass was stopped before any node started it goes back in the
+    queue (`schedule.put_back`), rather than being taken over and failed as never started."""
+    from .schedule import put_back
+
+    return put_back(jobs, cluster, jobs.metadata(job_id))
+
+
 def _connect(session: Session, node: Node) -> None:
     try:
         session.context(node)
@@ -521,7 +529,8 @@ def supervise(jobs: Jobs, cluster: Cluster, job_id: str, grace: float = 3.0,
         session = None
         if standby_for is not None:
             session = Session(cluster)
-            if not standby(jobs, job_id, session, standby_for):
+            if not standby(jobs, job_id, session, standby_for) \
+                    or _put_back(jobs, cluster, job_id):
                 session.close()
                 return 0
             launcher = None  # its launch has let go (or died): see `started`
