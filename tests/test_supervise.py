@@ -19,7 +19,15 @@ from ugro.jobs import Jobs
 from ugro.logs import NodeLog
 from ugro.plan import LaunchConfig
 from ugro.state import JobStatus, in_queue, watched
-from ugro.supervise import GO, Supervisor, standby, started, supervise
+from ugro.supervise import (
+    ABANDONED,
+    GO,
+    LET_GO,
+    Supervisor,
+    standby,
+    started,
+    supervise,
+)
 
 CLUSTER = """
 master: {name: a, local: true}
@@ -233,11 +241,11 @@ def test_a_standby_supervisor_of_a_launch_that_recorded_nothing_removes_its_dire
     id may be another launch's again by the time the supervisor looks."""
     jobs, job_id = standing_by(tmp_path, monkeypatch)
     cluster = parse_cluster(CLUSTER, tmp_path / "c.yaml")
-    assert standby(jobs, job_id, Session(cluster), []) is False
+    assert standby(jobs, job_id, Session(cluster), []) is None
     assert not jobs.dir(job_id).exists()
     job_id = jobs.create("exp")
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(GO)))
-    assert standby(jobs, job_id, Session(cluster), []) is False
+    assert standby(jobs, job_id, Session(cluster), []) is None
     assert jobs.dir(job_id).exists()
 
 
@@ -246,13 +254,15 @@ def test_a_standby_supervisor_supervises_a_started_job_and_leaves_a_queued_one(
     cluster = parse_cluster(CLUSTER, tmp_path / "c.yaml")
     jobs, job_id = standing_by(tmp_path, monkeypatch,
                                lambda jobs, j: jobs.mark_running(j, {"a": 1, "b": 2}))
-    assert standby(jobs, job_id, Session(cluster), ["a", "not-in-the-cluster"]) is True
+    assert standby(jobs, job_id, Session(cluster), ["a", "not-in-the-cluster"]) == ABANDONED
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(GO)))
+    assert standby(jobs, job_id, Session(cluster), []) == LET_GO
     # A queued job whose start was put off stays the queue's.
     queued = Jobs(tmp_path / "q")
     later = LaunchConfig(name="later", script="train.py", nodes="a")
     job_id = schedule.enqueue(queued, cluster, later, tmp_path)
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    assert standby(queued, job_id, Session(cluster), ["a"]) is False
+    assert standby(queued, job_id, Session(cluster), ["a"]) is None
     assert in_queue(queued.metadata(job_id))
 
 
@@ -308,7 +318,36 @@ def test_a_queued_job_whose_pass_died_before_starting_it_goes_back_in_the_queue(
                                                           nodes="a"), tmp_path)
     jobs.begin(job_id, "q", cluster_file="c.yaml", world_size=1, master="127.0.0.1:29500",
                nodes={"a": {"node_rank": 0, "nproc": 1}})
+    monkeypatch.setattr("ugro.supervise.SETTLE", 0.1)
+    monkeypatch.setattr("ugro.supervise._queue_pass", lambda jobs, cluster: passes.append(1))
+    passes = []
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))  # no word: it died
     assert supervise(jobs, cluster, job_id, standby_for=["a"]) == 0
     meta = jobs.metadata(job_id)
     assert in_queue(meta) and meta["queue"]["reason"].startswith("put back"), meta
+    assert passes == [1]  # and the queue moves on: nothing else may run a pass soon
+    assert "supervisor_pid" not in meta
+
+
+def test_a_claimed_job_that_a_node_started_or_a_cancel_ended_is_not_put_back(tmp_path):
+    (tmp_path / "proj").mkdir()
+    cluster = parse_cluster(
+        f"master: {{name: a, local: true, project_path: '{tmp_path / 'proj'}'}}",
+        tmp_path / "c.yaml")
+    jobs = Jobs(tmp_path / "data")
+    claimed = []
+    for name in ("started", "cancelled"):
+        job_id = schedule.enqueue(jobs, cluster, LaunchConfig(name=name, script="train.py",
+                                                              nodes="a"), tmp_path)
+        claimed.append(jobs.begin(job_id, name, cluster_file="c.yaml", world_size=1,
+                                  master="127.0.0.1:29500",
+                                  nodes={"a": {"node_rank": 0, "nproc": 1}}))
+    started_here = tmp_path / "proj" / "data" / "experiments" / claimed[0]["job_id"] / "nodes/a"
+    started_here.mkdir(parents=True)
+    (started_here / "pgid").write_text("999999\n")  # its start reached the node
+    assert schedule.put_back(jobs, cluster, claimed[0]) is False
+    assert jobs.status(claimed[0]["job_id"]) is JobStatus.PENDING
+    job_id = claimed[1]["job_id"]
+    jobs.finish(job_id, JobStatus.CANCELLED, error="cancelled by user")
+    assert schedule.put_back(jobs, cluster, claimed[1]) is False  # asked before the cancel
+    assert jobs.status(job_id) is JobStatus.CANCELLED

@@ -210,10 +210,16 @@ class Jobs:
         return self._note(job_id, "queue", facts)
 
     def requeue(self, job_id: str, why: str) -> dict:
-        """Put a claimed job whose start never reached any node back in the queue."""
+        """Put a claimed job whose start never reached any node back in the queue; a job no
+        longer claimed (cancelled meanwhile, started) is left as it is."""
         def change(meta):
+            if JobStatus.parse(meta.get("status")) is not JobStatus.PENDING \
+                    or meta.get("started_at"):
+                return
             meta.update(status=JobStatus.QUEUED, nodes={}, world_size=None, master=None)
             meta["queue"].update(reason=why, since=now())
+            meta.pop("supervisor_pid", None)
+            meta.pop("supervisor_started", None)
 
         return self._update(job_id, change)
 

@@ -9,7 +9,9 @@ nodes runs one: a supervisor as its job ends, `inv cancel`, a view that reconcil
 
 Crash safety: a job leaves the queue only inside a pass, by its PENDING record (`Jobs.begin`),
 so a second pass never starts it again; a pass killed between that record and the nodes'
-start leaves a PENDING job that no node knows, which the next pass puts back (`recover`).
+start leaves a PENDING job that no node knows, which its supervisor (on standby since before
+that record) puts back and runs a pass for, or the next pass if that supervisor is gone too
+(`put_back`, `recover`).
 """
 
 from __future__ import annotations
@@ -306,8 +308,8 @@ def put_back(jobs: Jobs, cluster: Cluster, meta: dict) -> bool:
     with closing(backend_for(cluster)) as backend:
         states = backend.states([cluster.node(n) for n in meta["nodes"]], job_id)
     if all(s.reachable and s.pgid is None and not s.alive for s in states.values()):
-        jobs.requeue(job_id, "put back: the pass starting it was stopped")
-        return True
+        meta = jobs.requeue(job_id, "put back: the pass starting it was stopped")
+        return JobStatus.parse(meta.get("status")) is JobStatus.QUEUED
     return False
 
 

@@ -45,6 +45,8 @@ from .plan import STALL_AFTER
 from .state import JobStatus, NodeState, NodeStatus, exit_code_int, is_active
 
 GO = b"go"  # what a launch writes its standby supervisor as it lets go (`standby`)
+LET_GO, ABANDONED = "let go", "abandoned"  # how the launch left a job it recorded (`standby`)
+SETTLE = 2.0  # seconds for a start still on its way to a node, once its launch is gone
 RECORD_RETRY = 30.0  # seconds to keep retrying a record the control node cannot write
 LOST_RETRY = 600.0  # seconds to keep trying to stop a lost node's processes once it is back
 
@@ -432,16 +434,17 @@ def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def started(jobs: Jobs, job_id: str, launcher: int | None, settle: float = 2.0) -> bool:
+def started(jobs: Jobs, job_id: str, launcher: int | None, settle: float = SETTLE) -> bool:
     """Whether there is a job to supervise. A launch spawns its supervisor while the nodes
     start, so the record may still be PENDING: wait for RUNNING, or for the launch to record
     that the start failed (then there is nothing to supervise).
 
     A launch that dies in between records neither: its process, `launcher`, is no longer
-    this one's parent (so gone, even before this process started). Then the
-    supervisor takes the job over as RUNNING, after `settle` seconds for a start still on
-    its way to a node. A node where nothing started then ends as `missing`, which fails the
-    job and stops the others, so nothing is left running whatever the launch had done.
+    this one's parent (so gone, even before this process started); None: the launch has
+    already let go or died (`standby`). Then the supervisor takes the job over as RUNNING,
+    after `settle` seconds for a start still on its way to a node. A node where nothing
+    started then ends as `missing`, which fails the job and stops the others, so nothing is
+    left running whatever the launch had done.
     """
     while (status := JobStatus.parse(jobs.metadata(job_id)["status"])) is JobStatus.PENDING:
         if launcher is None or os.getppid() != launcher:
@@ -455,15 +458,16 @@ def started(jobs: Jobs, job_id: str, launcher: int | None, settle: float = 2.0) 
     return not status.is_terminal()
 
 
-def standby(jobs: Jobs, job_id: str, session: Session, names: list[str]) -> bool:
+def standby(jobs: Jobs, job_id: str, session: Session, names: list[str]) -> str | None:
     """Whether there is a job to supervise, once the launch that started this process is
-    done with the preflight and the start: it writes `Standby.GO` and closes our stdin.
+    done with the preflight and the start: it writes `GO` and closes our stdin. None when
+    there is not; `LET_GO` or, when the launch died (its input ended without the word),
+    `ABANDONED`.
 
     Meanwhile `session` connects to the nodes the job will run on, so its streams start on
     open connections. A launch that let go with no record refused the job, and removed its
-    directory itself (the id may already be another launch's again). Input that ends without
-    the word is a launch that died: a directory it left without a record goes. A queued job
-    still QUEUED: its start was put off, and the queue keeps it.
+    directory itself (the id may already be another launch's again); one that died leaves it
+    here to remove. A queued job still QUEUED: its start was put off, and the queue keeps it.
     """
     for name in names:
         try:
@@ -478,16 +482,37 @@ def standby(jobs: Jobs, job_id: str, session: Session, names: list[str]) -> bool
     if not (jobs.dir(job_id) / "metadata.json").exists():
         if said != GO:
             jobs.discard(job_id)
-        return False
-    return JobStatus.parse(jobs.metadata(job_id)["status"]) is not JobStatus.QUEUED
+        return None
+    if JobStatus.parse(jobs.metadata(job_id)["status"]) is JobStatus.QUEUED:
+        return None
+    return LET_GO if said == GO else ABANDONED
 
 
 def _put_back(jobs: Jobs, cluster: Cluster, job_id: str) -> bool:
-    """A queued job whose pass was stopped before any node started it goes back in the
-    queue (`schedule.put_back`), rather than being taken over and failed as never started."""
+    """A queued job whose pass died before any node started it goes back in the queue
+    (`schedule.put_back`), rather than being taken over and failed as never started. After
+    `SETTLE` seconds, for a start the pass had sent and that is still on its way."""
     from .schedule import put_back
 
+    meta = jobs.metadata(job_id)
+    if JobStatus.parse(meta["status"]) is not JobStatus.PENDING or "queue" not in meta:
+        return False
+    time.sleep(SETTLE)
     return put_back(jobs, cluster, jobs.metadata(job_id))
+
+
+def _queue_pass(jobs: Jobs, cluster: Cluster) -> None:
+    """Run the queue in this process (already detached, its imports paid for). Imported here,
+    in the process's entry point, because the scheduler starts jobs through the launch path,
+    which uses Supervisor."""
+    from .schedule import PACKAGE_ROOT, queued, report, run_pass
+
+    if queued(jobs):
+        try:
+            for line in report(run_pass(jobs, cluster, PACKAGE_ROOT)):
+                say(f"queue: {line}")
+        except UgroError as exc:
+            say(f"queue pass: {exc}")
 
 
 def _connect(session: Session, node: Node) -> None:
@@ -529,9 +554,12 @@ def supervise(jobs: Jobs, cluster: Cluster, job_id: str, grace: float = 3.0,
         session = None
         if standby_for is not None:
             session = Session(cluster)
-            if not standby(jobs, job_id, session, standby_for) \
-                    or _put_back(jobs, cluster, job_id):
+            how = standby(jobs, job_id, session, standby_for)
+            if how is None or (how == ABANDONED and _put_back(jobs, cluster, job_id)):
                 session.close()
+                if how is not None:
+                    say(f"{job_id}: back in the queue (the pass starting it was stopped)")
+                    _queue_pass(jobs, cluster)
                 return 0
             launcher = None  # its launch has let go (or died): see `started`
         if not started(jobs, job_id, launcher):
@@ -541,17 +569,7 @@ def supervise(jobs: Jobs, cluster: Cluster, job_id: str, grace: float = 3.0,
         say(str(exc))
         return 1
     say(f"{job_id}: {meta['status']}")
-    # The job's nodes are free: the queue moves on, in this process (already detached, its
-    # record written, its imports paid for). Imported here, in the process's entry point,
-    # because the scheduler starts jobs through the launch path, which uses Supervisor.
-    from .schedule import PACKAGE_ROOT, queued, report, run_pass
-
-    if queued(jobs):
-        try:
-            for line in report(run_pass(jobs, cluster, PACKAGE_ROOT)):
-                say(f"queue: {line}")
-        except UgroError as exc:
-            say(f"queue pass: {exc}")
+    _queue_pass(jobs, cluster)  # the job's nodes are free: the queue moves on
     return 0
 
 
