@@ -179,9 +179,7 @@ class Jobs:
         if "queue" in queued:
             meta["queue"] = queued["queue"]
         if supervisor is not None:
-            meta["supervisor_pid"] = supervisor[0]
-            if supervisor[1] is not None:
-                meta["supervisor_started"] = supervisor[1]
+            name_supervisor(meta, *supervisor)
         store.write_json(path, meta)
         return meta
 
@@ -218,8 +216,7 @@ class Jobs:
                 return
             meta.update(status=JobStatus.QUEUED, nodes={}, world_size=None, master=None)
             meta["queue"].update(reason=why, since=now())
-            meta.pop("supervisor_pid", None)
-            meta.pop("supervisor_started", None)
+            name_supervisor(meta, None)
 
         return self._update(job_id, change)
 
@@ -274,13 +271,7 @@ class Jobs:
     def set_supervisor(self, job_id: str, pid: int, started: int | None = None) -> dict:
         """The job's supervisor: its pid and, to tell it from a later process with that pid,
         its start time (`procs.start_time`)."""
-        def change(meta):
-            meta["supervisor_pid"] = pid
-            meta.pop("supervisor_started", None)
-            if started is not None:
-                meta["supervisor_started"] = started
-
-        return self._update(job_id, change)
+        return self._update(job_id, lambda meta: name_supervisor(meta, pid, started))
 
     def request_cancel(self, job_id: str, reason: str) -> dict:
         """Note that a cancel was asked for (the first time only): the supervisor then records
@@ -478,6 +469,16 @@ def history_line(meta: dict) -> dict:
         # that holds nothing is never read again to find the active jobs (`Jobs.released`).
         "holds": holds_nodes(meta),
     }
+
+
+def name_supervisor(meta: dict, pid: int | None, started: int | None = None) -> None:
+    """Name the job's supervisor in its record (none: `pid` None), replacing any before."""
+    meta.pop("supervisor_pid", None)
+    meta.pop("supervisor_started", None)
+    if pid is not None:
+        meta["supervisor_pid"] = pid
+        if started is not None:
+            meta["supervisor_started"] = started
 
 
 def git_state(root: Path) -> dict:

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
@@ -263,43 +262,45 @@ class Standby:
     def __init__(self, jobs: Jobs, cluster: Cluster, job_id: str, nodes: tuple[Node, ...],
                  fork: bool = False):
         # /proc tells the forked supervisor by its start time (`supervisor_alive`).
-        if fork and hasattr(os, "fork") and threading.active_count() == 1 \
-                and procs.start_time(os.getpid()) is not None and not _open_fds():
-            self.pid, self._release = _fork_supervisor(jobs, cluster, job_id, nodes)
-        else:
-            proc = _supervisor(jobs, cluster, job_id,
-                               ["--standby", ",".join(n.name for n in nodes)],
-                               stdin=subprocess.PIPE)
-
-            def release():
-                with contextlib.suppress(OSError):  # it died: `launch` starts another
-                    proc.stdin.write(supervise.GO)
-                with contextlib.suppress(OSError):
-                    proc.stdin.close()
-
-            self.pid, self._release = proc.pid, release
+        r, self._go = os.pipe()  # the supervisor's stdin; `release` writes GO and closes it
+        try:
+            if fork and hasattr(os, "fork") and threading.active_count() == 1 \
+                    and procs.start_time(os.getpid()) is not None and not _open_fds(r, self._go):
+                self.pid = _fork_supervisor(jobs, cluster, job_id, nodes, r, self._go)
+            else:
+                self.pid = _supervisor(jobs, cluster, job_id,
+                                       ["--standby", ",".join(n.name for n in nodes)],
+                                       stdin=r).pid
+        except BaseException:
+            os.close(self._go)
+            raise
+        finally:
+            os.close(r)
         self.started = procs.start_time(self.pid)
 
     def release(self) -> None:
         """Let the supervisor go: it supervises the job if it is recorded running, and exits
         if not (`supervise.standby`)."""
-        if self._release is not None:
-            release, self._release = self._release, None
-            release()
+        if self._go is not None:
+            go, self._go = self._go, None
+            with contextlib.suppress(OSError):  # it died: `launch` starts another
+                os.write(go, supervise.GO)
+            os.close(go)
 
     close = release
 
 
-def _open_fds() -> list[int]:
-    """This process's open file descriptors past stdin, stdout and stderr: a fork would hold
-    them for as long as the job runs (a lock, a pipe whose reader waits for its end)."""
+def _open_fds(*ours: int) -> list[int]:
+    """This process's open file descriptors past stdin, stdout and stderr, and `ours`: a fork
+    would hold them for as long as the job runs (a lock, a pipe whose reader waits for its
+    end)."""
     try:
         listed = [int(fd) for fd in os.listdir("/proc/self/fd")]
     except OSError:
         return [-1]  # cannot tell
     found = []
     for fd in listed:
-        if fd > 2:
+        if fd > 2 and fd not in ours:
             try:
                 os.fstat(fd)  # the listing's own descriptor is closed by now
             except OSError:
@@ -308,17 +309,17 @@ def _open_fds() -> list[int]:
     return found
 
 
-def _fork_supervisor(jobs: Jobs, cluster: Cluster, job_id: str,
-                     nodes: tuple[Node, ...]) -> tuple[int, Callable[[], None]]:
-    """Fork the supervisor (see `Standby`); its pid, and what releases it. In the child,
-    stdin is the release pipe and stdout and stderr supervisor.log; it leaves by `_exit`,
-    so nothing of the launch (its atexit hooks, its stack) runs there again."""
+def _fork_supervisor(jobs: Jobs, cluster: Cluster, job_id: str, nodes: tuple[Node, ...],
+                     stdin: int, go: int) -> int:
+    """Fork the supervisor (see `Standby`); its pid. In the child, stdin is `stdin` (the
+    release pipe, whose other end `go` only the launch keeps) and stdout and stderr
+    supervisor.log; it leaves by `_exit`, so nothing of
+    the launch (its atexit hooks, its stack) runs there again."""
     try:
         log = os.open(jobs.dir(job_id) / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                       0o644)
     except OSError:
         log = os.open(os.devnull, os.O_WRONLY)
-    r, w = os.pipe()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()  # or the child would print it again
@@ -329,12 +330,11 @@ def _fork_supervisor(jobs: Jobs, cluster: Cluster, job_id: str,
         code = 1
         try:
             os.setsid()
-            os.close(w)
-            os.dup2(r, 0)
+            os.dup2(stdin, 0)
             os.dup2(log, 1)
             os.dup2(log, 2)
-            os.close(r)
-            os.close(log)
+            for fd in {stdin, go, log} - {0, 1, 2}:  # the only others (`_open_fds`)
+                os.close(fd)
             sys.stdin = open(0, closefd=False)
             sys.stdout = open(1, "w", buffering=1, closefd=False)
             sys.stderr = open(2, "w", buffering=1, closefd=False)
@@ -353,15 +353,8 @@ def _fork_supervisor(jobs: Jobs, cluster: Cluster, job_id: str,
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-    os.close(r)
     os.close(log)
-
-    def release():
-        with contextlib.suppress(OSError):  # it died: `launch` starts another
-            os.write(w, supervise.GO)
-        os.close(w)
-
-    return pid, release
+    return pid
 
 
 def supervisor_alive(meta: dict) -> bool:

@@ -298,12 +298,14 @@ def recover(jobs: Jobs, cluster: Cluster) -> None:
             put_back(jobs, cluster, meta)
 
 
-def put_back(jobs: Jobs, cluster: Cluster, meta: dict) -> bool:
+def put_back(jobs: Jobs, cluster: Cluster, meta: dict, settle: float = 0.0) -> bool:
     """Put a job back in the queue if a pass claimed it (PENDING) and was stopped before any
-    node started it; whether it did."""
+    node started it; whether it did. `settle`: seconds to wait before asking the nodes, for a
+    start the pass had sent that is still on its way."""
     if (JobStatus.parse(meta.get("status")) is not JobStatus.PENDING or "queue" not in meta
             or meta.get("started_at")):
         return False
+    time.sleep(settle)
     job_id = meta["job_id"]
     with closing(backend_for(cluster)) as backend:
         states = backend.states([cluster.node(n) for n in meta["nodes"]], job_id)

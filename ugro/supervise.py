@@ -490,15 +490,11 @@ def standby(jobs: Jobs, job_id: str, session: Session, names: list[str]) -> str 
 
 def _put_back(jobs: Jobs, cluster: Cluster, job_id: str) -> bool:
     """A queued job whose pass died before any node started it goes back in the queue
-    (`schedule.put_back`), rather than being taken over and failed as never started. After
-    `SETTLE` seconds, for a start the pass had sent and that is still on its way."""
+    (`schedule.put_back`, after `SETTLE`), rather than being taken over and failed as never
+    started."""
     from .schedule import put_back
 
-    meta = jobs.metadata(job_id)
-    if JobStatus.parse(meta["status"]) is not JobStatus.PENDING or "queue" not in meta:
-        return False
-    time.sleep(SETTLE)
-    return put_back(jobs, cluster, jobs.metadata(job_id))
+    return put_back(jobs, cluster, jobs.metadata(job_id), settle=SETTLE)
 
 
 def _queue_pass(jobs: Jobs, cluster: Cluster) -> None:
